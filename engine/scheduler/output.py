@@ -1,0 +1,62 @@
+"""Messages between the scheduler and the worker side (torch-free).
+
+Rule: a request's full data crosses to the worker once (`NewRequestData`); after that only
+deltas do (`CachedRequestData`: new block ids). The worker appends the tokens it sampled
+itself, so decode steps send no token ids at all. A preempted request is dropped by the
+worker (`preempted_req_ids`) and comes back later as a new request carrying its outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.engine_core.messages import LogprobsEntry
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    # Tokens already sampled before a preemption; empty for a fresh request.
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # prefix-cache hits (and nothing else) for a new request
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    # {req_id: tokens to compute this step}; the one decision the scheduler makes.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the worker must forget: finished, aborted or preempted since the last step.
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    req_ids: list[str]
+    # One list per request in `req_ids`: the tokens sampled this step (empty while a prompt
+    # is still being prefilled in chunks).
+    sampled_token_ids: list[list[int]]
+    # Per request, one LogprobsEntry per sampled token (None when not asked for).
+    logprobs: Optional[list[Optional[list[LogprobsEntry]]]] = None
+    # {req_id: LogprobsEntry for the prompt positions computed this step}; the first prompt
+    # position has no logprob and is left out.
+    prompt_logprobs: dict[str, list[LogprobsEntry]] = field(default_factory=dict)
