@@ -1,0 +1,46 @@
+"""The CPU reference platform: every correctness test runs on it, CI included.
+
+Rule: plain torch only, no vendor code. It is registered through the same
+`engine_platforms` hook as any third-party platform.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from platforms.cpu.attention import CpuAttentionBackend
+from platforms.interface import AttentionBackend, AttentionSpec, Platform
+
+# KV cache taken by default when neither kv_cache_memory nor num_kv_blocks is given.
+_DEFAULT_KV_CACHE_BYTES = 4 * 1024**3
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    priority = 0  # lowest: any accelerator wins
+    supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def memory_info(self) -> tuple[int, int]:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return free, total
+
+    def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        # Half-precision matmuls are slow or missing on most CPUs; compute in float32.
+        return torch.float32
+
+    def kv_cache_bytes(self, config, model_bytes: int) -> int:  # type: ignore[override]
+        if config.cache.kv_cache_memory is not None:
+            return config.cache.kv_cache_memory
+        free, _ = self.memory_info()
+        return min(_DEFAULT_KV_CACHE_BYTES, int(free * 0.5))
+
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        return CpuAttentionBackend(spec)
