@@ -24,6 +24,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int  # prefix-cache hits (and nothing else) for a new request
+    eos_token_id: Optional[int] = None  # the sampler masks it below min_tokens
 
 
 @dataclass(frozen=True)
