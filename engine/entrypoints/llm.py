@@ -1,0 +1,189 @@
+"""`LLM`: offline batched generation and chat in one Python call.
+
+Rule: `LLM` is a thin front end. Prompts are validated and tokenized (InputProcessor), sent
+to an engine core through the same client interface the server uses, and the outputs are
+turned back into text (OutputProcessor). Every prompt is checked before any is submitted,
+so one bad prompt fails the call without leaving work behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineArgs
+from engine.engine_core.core import EngineCore
+from engine.engine_core.inproc import InprocClient
+from engine.inputs import InputProcessor
+from engine.outputs.output_processor import OutputProcessor
+from engine.outputs.request_output import RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.tokenizer import eos_token_id as resolve_eos_token_id
+from engine.tokenizer import load_tokenizer
+
+PromptType = Union[str, list[int], dict[str, Any]]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine in this process. Keyword arguments are the fields of `EngineArgs`."""
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        config = self.engine_args.create_config()
+        self.tokenizer = load_tokenizer(config.model)
+        self.core = EngineCore(config)
+        self.config = self.core.config
+        model_config = self.config.model
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            max_model_len=model_config.max_model_len,
+            max_logprobs=self.config.max_logprobs,
+            generation_defaults=model_config.generation_defaults,
+            chat_template=model_config.chat_template,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.client = InprocClient(self.core)
+        self.eos_token_id = resolve_eos_token_id(model_config, self.tokenizer)
+        self._counter = itertools.count()
+        self.startup_seconds = time.perf_counter() - t0
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.input_processor.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+        priority: Optional[Sequence[int]] = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (a string, a list of token ids, or
+        `{"prompt_token_ids": [...]}`); returns one RequestOutput per prompt, in order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = self._params_for(prompt_list, sampling_params)
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(
+                f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts."
+            )
+        processed = [
+            self.input_processor.process(_prompt_input(p), sp)
+            for p, sp in zip(prompt_list, params_list)
+        ]
+        request_ids = []
+        for i, (text, token_ids, sp) in enumerate(processed):
+            if text is None and isinstance(prompt_list[i], dict):
+                text = prompt_list[i].get("prompt")
+            request_id = str(next(self._counter))
+            request_ids.append(request_id)
+            sp = sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            core_requests = self.output_processor.add_request(
+                request_id, text, token_ids, sp, time.time(),
+                priority[i] if priority is not None else 0, self.eos_token_id,
+            )
+            for core_request in core_requests:
+                self.client.add_request(core_request)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[Conversation, Sequence[Conversation]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[RequestOutput]:
+        """Chat completion for one conversation (a list of {"role", "content"} dicts) or
+        several; the model's chat template (or `chat_template`) builds each prompt."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        processor = self.input_processor
+        if chat_template is not None:
+            processor = InputProcessor(
+                self.tokenizer, self.config.model.max_model_len, self.config.max_logprobs,
+                self.config.model.generation_defaults, chat_template,
+            )
+        prompts = [
+            processor.apply_chat_template(
+                list(conv), add_generation_prompt=add_generation_prompt,
+                chat_template_kwargs=chat_template_kwargs,
+                continue_final_message=continue_final_message,
+            )
+            for conv in conversations
+        ]
+        # The template already holds the special tokens (BOS); don't add them again.
+        token_prompts = [
+            {"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False), "prompt": p}
+            for p in prompts
+        ]
+        return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.core.reset_prefix_cache()
+
+    # ---- internals ----
+    def _params_for(self, prompts: list, params: Any) -> list[SamplingParams]:
+        if params is None:
+            params = self.get_default_sampling_params()
+        if isinstance(params, SamplingParams):
+            return [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(
+                f"Got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or "
+                "one per prompt."
+            )
+        return params
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while len(finished) < len(request_ids):
+                outputs = self.client.get_output()
+                request_outputs, to_abort = self.output_processor.process_outputs(outputs)
+                self.client.abort_requests(to_abort)
+                for out in request_outputs:
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            # Leave nothing running if the caller interrupts us.
+            pending = [r for r in request_ids if r not in finished]
+            for r in pending:
+                self.client.abort_requests(self.output_processor.abort_request(r))
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]  # one prompt given as token ids
+    if not prompts:
+        raise ValueError("No prompts given.")
+    return prompts
+
+
+def _prompt_input(prompt: PromptType) -> Union[str, list[int]]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValueError("A prompt dict needs 'prompt' or 'prompt_token_ids'.")
+    return prompt

@@ -1,0 +1,34 @@
+"""One device, in this process: the executor calls the model runner directly."""
+
+from __future__ import annotations
+
+from engine.config import EngineConfig
+from engine.executor.abstract import Executor
+from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.model_runner import ModelRunner
+from platforms.interface import Platform
+
+
+class UniprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+        platform.set_device(platform.device(0))
+        platform.seed_everything(config.seed)
+        self.runner = ModelRunner(config, platform)
+
+    def load_model(self) -> None:
+        self.runner.load_model()
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def warm_up(self) -> None:
+        self.runner.warm_up()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.runner.model = None

@@ -1,0 +1,147 @@
+"""The worker's persistent view of the running requests, and the flat inputs of one step.
+
+Rule: request state crosses from the scheduler once and lives here; every step only applies
+the deltas (new blocks, finished ids) and appends the tokens this worker sampled itself.
+Inputs are built on the host with numpy (no per-token Python loops) and copied to the
+device once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.scheduler.output import SchedulerOutput
+from platforms.interface import CommonAttentionMetadata
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: Optional[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    # Prompt logprobs gathered so far are sent as they are computed; nothing kept here.
+    token_ids_np: np.ndarray = field(init=False)  # prompt + output, grows on demand
+    num_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        tokens = self.prompt_token_ids + self.output_token_ids
+        self.token_ids_np = np.zeros(max(len(tokens) * 2, 64), dtype=np.int64)
+        self.token_ids_np[: len(tokens)] = tokens
+        self.num_tokens = len(tokens)
+
+    def append_token(self, token_id: int) -> None:
+        if self.num_tokens == len(self.token_ids_np):
+            self.token_ids_np = np.concatenate([self.token_ids_np, np.zeros_like(self.token_ids_np)])
+        self.token_ids_np[self.num_tokens] = token_id
+        self.num_tokens += 1
+        self.output_token_ids.append(token_id)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Flat inputs of one step, already on the device."""
+
+    req_ids: list[str]
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn: CommonAttentionMetadata
+    # Requests that reach the end of their known tokens this step sample one token each.
+    sample_req_idx: list[int]  # indexes into req_ids
+    sample_token_idx: torch.Tensor  # [len(sample_req_idx)] int64: their last token's row
+    query_start_loc_np: np.ndarray  # [num_reqs + 1] host copy
+    start_positions_np: np.ndarray  # [num_reqs] host: first position computed this step
+
+
+class InputBatch:
+    """All requests the worker currently knows, keyed by id."""
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Apply the scheduler's deltas: forget finished/preempted, add new, extend blocks."""
+        for req_id in out.finished_req_ids | out.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=new.sampling_params,
+                eos_token_id=new.eos_token_id,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+        for cached in out.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        req_ids = list(out.num_scheduled_tokens)
+        num_reqs = len(req_ids)
+        states = [self.requests[r] for r in req_ids]
+        counts = np.fromiter((out.num_scheduled_tokens[r] for r in req_ids), np.int64, num_reqs)
+        starts = np.fromiter((s.num_computed_tokens for s in states), np.int64, num_reqs)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+
+        # positions: for each request, starts[i] .. starts[i] + counts[i] - 1, flattened.
+        req_of_token = np.repeat(np.arange(num_reqs), counts)
+        positions = np.arange(num_tokens) - query_start_loc[req_of_token] + starts[req_of_token]
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        max_blocks = 1
+        for i, state in enumerate(states):
+            lo, hi = query_start_loc[i], query_start_loc[i + 1]
+            input_ids[lo:hi] = state.token_ids_np[starts[i] : starts[i] + counts[i]]
+            max_blocks = max(max_blocks, len(state.block_ids))
+        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+        for i, state in enumerate(states):
+            block_table[i, : len(state.block_ids)] = state.block_ids
+        slot_mapping = (
+            block_table[req_of_token, positions // self.block_size].astype(np.int64)
+            * self.block_size
+            + positions % self.block_size
+        )
+        seq_lens = starts + counts
+        num_known = np.fromiter((s.num_tokens for s in states), np.int64, num_reqs)
+        sample_req_idx = np.nonzero(seq_lens >= num_known)[0]
+
+        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        query_start_loc_cpu = torch.from_numpy(query_start_loc.astype(np.int32))
+        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        attn = CommonAttentionMetadata(
+            num_reqs=num_reqs,
+            num_actual_tokens=num_tokens,
+            max_query_len=int(counts.max()) if num_reqs else 0,
+            max_seq_len=int(seq_lens.max()) if num_reqs else 0,
+            query_start_loc_cpu=query_start_loc_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+            num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),
+            query_start_loc=query_start_loc_cpu.to(self.device),
+            seq_lens=seq_lens_cpu.to(self.device),
+            block_table=to_dev(block_table),
+            slot_mapping=to_dev(slot_mapping),
+        )
+        return StepInputs(
+            req_ids=req_ids,
+            input_ids=to_dev(input_ids),
+            positions=to_dev(positions),
+            attn=attn,
+            sample_req_idx=sample_req_idx.tolist(),
+            sample_token_idx=to_dev(query_start_loc[1:][sample_req_idx] - 1),
+            query_start_loc_np=query_start_loc,
+            start_positions_np=starts,
+        )

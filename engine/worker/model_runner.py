@@ -1,0 +1,180 @@
+"""The model runner: one flattened forward for a mixed batch, then sampling.
+
+Rule: the runner never decides anything. The scheduler said which requests advance by how
+many tokens; the runner turns that into flat tensors (no padding to the longest prompt),
+runs the model once over prefill chunks and decodes together, samples for the requests that
+reached the end of their known tokens, and appends those tokens to its own state.
+
+Startup is a checklist: load -> size the KV cache from memory -> bind caches -> warm up.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.engine_core.messages import LogprobsEntry
+from engine.models.layers.attention import Attention
+from engine.models.loader import load_model
+from engine.sampling_params import SamplingParams
+from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.input_batch import InputBatch, StepInputs
+from engine.worker.sampler import Sampler, logprobs_entries
+from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetadata
+from platforms.interface import AttentionSpec, Platform
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+        self.config = config
+        self.platform = platform
+        self.device = platform.device()
+        model_config = config.model
+        self.dtype = model_config.dtype
+        hf = model_config.hf_config
+        self.attn_spec = AttentionSpec(
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=model_config.num_kv_heads,
+            head_size=model_config.head_dim,
+            dtype=self.dtype,
+            block_size=config.cache.block_size,
+        )
+        self.attn_backend = platform.attention_backend(self.attn_spec)
+        self.input_batch = InputBatch(config.cache.block_size, self.device)
+        self.sampler = Sampler()
+        self.model: Optional[torch.nn.Module] = None
+        self.num_blocks = 0
+
+    # ---- startup ----
+    def load_model(self) -> None:
+        self.model = load_model(self.config.model, self.attn_backend, self.device, self.dtype)
+        self.forward = self.platform.compile_model(self.model.forward, self.config)
+
+    @property
+    def model_bytes(self) -> int:
+        assert self.model is not None
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def bytes_per_block(self) -> int:
+        shape = self.attn_backend.kv_cache_shape(1)
+        per_layer = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
+        return per_layer * self.config.model.num_layers
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        budget = self.platform.kv_cache_bytes(self.config, self.model_bytes)
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"No memory left for the KV cache (budget {budget} bytes, one block needs "
+                f"{self.bytes_per_block}); raise --kv-cache-memory or --gpu-memory-utilization."
+            )
+        return int(num_blocks)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        assert self.model is not None
+        shape = self.attn_backend.kv_cache_shape(num_blocks)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.num_blocks = num_blocks
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.input_batch.update(out)
+        if out.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        inputs = self.input_batch.prepare(out)
+        attn_metadata = self.attn_backend.build_metadata(inputs.attn)
+        hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        sampled, logprobs = self._sample(inputs, hidden)
+        for req_id, tokens in zip(inputs.req_ids, sampled):
+            state = self.input_batch.requests[req_id]
+            state.num_computed_tokens += out.num_scheduled_tokens[req_id]
+            for token in tokens:
+                state.append_token(token)
+        return ModelRunnerOutput(
+            req_ids=inputs.req_ids,
+            sampled_token_ids=sampled,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _sample(
+        self, inputs: StepInputs, hidden: torch.Tensor
+    ) -> tuple[list[list[int]], Optional[list[Optional[list[LogprobsEntry]]]]]:
+        sampled: list[list[int]] = [[] for _ in inputs.req_ids]
+        if not inputs.sample_req_idx:
+            return sampled, None
+        assert self.model is not None
+        logits = self.model.compute_logits(hidden[inputs.sample_token_idx])
+        rows = []
+        for i in inputs.sample_req_idx:
+            s = self.input_batch.requests[inputs.req_ids[i]]
+            rows.append(
+                RequestSamplingState(
+                    s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_id
+                )
+            )
+        meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device)
+        result = self.sampler(logits, meta)
+        all_logprobs: Optional[list[Optional[list[LogprobsEntry]]]] = None
+        if result.logprobs is not None:
+            all_logprobs = [None] * len(inputs.req_ids)
+        for row, i in enumerate(inputs.sample_req_idx):
+            sampled[i] = [result.sampled_token_ids[row]]
+            if all_logprobs is not None:
+                all_logprobs[i] = result.logprobs[row]
+        return sampled, all_logprobs
+
+    def _prompt_logprobs(
+        self, inputs: StepInputs, hidden: torch.Tensor
+    ) -> dict[str, list[LogprobsEntry]]:
+        """Logprobs of prompt tokens 1.. for requests that asked, over this step's chunk."""
+        result: dict[str, list[LogprobsEntry]] = {}
+        assert self.model is not None
+        for i, req_id in enumerate(inputs.req_ids):
+            state = self.input_batch.requests[req_id]
+            k = state.sampling_params.prompt_logprobs
+            prompt_len = len(state.prompt_token_ids)
+            start = int(inputs.start_positions_np[i])
+            count = int(inputs.query_start_loc_np[i + 1] - inputs.query_start_loc_np[i])
+            # Position p predicts prompt token p + 1; the last prompt position predicts output.
+            end = min(start + count, prompt_len - 1)
+            if k is None or end <= start:
+                continue
+            row0 = int(inputs.query_start_loc_np[i])
+            logits = self.model.compute_logits(hidden[row0 : row0 + end - start])
+            targets = torch.as_tensor(
+                state.prompt_token_ids[start + 1 : end + 1], device=logits.device
+            )
+            result[req_id] = logprobs_entries(logits, targets, k)
+        return result
+
+    def warm_up(self, num_tokens: int = 16) -> None:
+        """Run one throw-away step so first-call costs (allocator, kernel selection, lazy
+        init) are paid at startup, not by the first request. It writes block 0 only, whose
+        contents are always overwritten before a request reads them."""
+        from engine.scheduler.output import NewRequestData
+
+        req = NewRequestData(
+            req_id="__warmup__",
+            prompt_token_ids=[0] * num_tokens,
+            output_token_ids=[],
+            sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
+            block_ids=[0] * (-(-num_tokens // self.config.cache.block_size)),
+            num_computed_tokens=0,
+        )
+        self.execute_model(SchedulerOutput([req], [], {req.req_id: num_tokens}, num_tokens))
+        self.input_batch.update(
+            SchedulerOutput([], [], {}, 0, finished_req_ids={req.req_id})
+        )
+        self.platform.synchronize()
