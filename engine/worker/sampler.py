@@ -1,0 +1,179 @@
+"""The batched sampler: one call per step turns the sampling rows' logits into token ids.
+
+Rule: every stage is one batched tensor op over all rows, and a stage no row uses is skipped.
+Order of processing (each stage sees the output of the one before):
+
+1. logprobs are taken from the RAW logits (log_softmax before any stage below). Why: they then
+   describe the model's own distribution, which is what OpenAI-style clients compare across
+   requests; the processed distribution depends on settings (temperature, top-k, bias) and
+   would put -inf on every truncated token.
+2. logit_bias is added.
+3. min_tokens: while a row has fewer outputs than min_tokens, its EOS (even with ignore_eos)
+   and its stop_token_ids are set to -inf.
+4. repetition penalty over prompt + output tokens: positive logits divided by the penalty,
+   negative ones multiplied.
+5. frequency and presence penalties over output tokens only (OpenAI semantics):
+   logit -= frequency * count + presence * (count > 0).
+6. greedy rows take the argmax of these processed logits.
+7. temperature, 8. top-k, 9. top-p, 10. min-p, 11. sample.
+
+Sampling uses the exponential trick: token = argmax(probs / q) with q ~ Exp(1) per vocab entry,
+which draws exactly from `probs` without a cumulative sum. A seeded row gets its own q from a
+generator seeded by (seed, output index), so its tokens do not depend on the batch or on
+preemption; unseeded rows share one draw from the default generator, which is cheaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.engine_core.messages import LogprobsEntry
+from engine.worker.sampling_metadata import SamplingMetadata
+
+# q == 0 would turn a zero-probability token into 0/0; the smallest normal float32 is far
+# below any draw that matters.
+_MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: list[int]  # one per row
+    # Per row: [entry] when that row's params.logprobs is not None, else None.
+    # The whole field is None when no row asked for logprobs.
+    logprobs: Optional[list[Optional[list[LogprobsEntry]]]]
+
+
+class Sampler:
+    """Stateless; one instance serves every step."""
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [num_rows, vocab] float32, modified in place."""
+        raw_logprobs = (
+            torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
+        )
+        apply_logits_processors(logits, meta)
+        if meta.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = _sample_random(logits, meta)
+        sampled_cpu = sampled.tolist()
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _row_logprobs(raw_logprobs, sampled, meta)
+        return SamplerOutput(sampled_token_ids=sampled_cpu, logprobs=logprobs)
+
+
+def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Stages 2-5 (bias, min_tokens, penalties), in place; returns `logits`."""
+    if meta.logit_bias is not None:
+        rows, token_ids, values = meta.logit_bias
+        logits.index_put_((rows, token_ids), values, accumulate=True)
+    if meta.min_tokens_mask is not None:
+        rows, token_ids = meta.min_tokens_mask
+        logits[rows, token_ids] = float("-inf")
+    if meta.repetition_penalty is not None:
+        assert meta.repetition_seen is not None  # built together
+        penalty = meta.repetition_penalty.unsqueeze(1)  # [num_rows, 1]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        torch.where(meta.repetition_seen, penalized, logits, out=logits)
+    if meta.output_counts is not None:
+        assert meta.frequency_penalty is not None and meta.presence_penalty is not None
+        counts = meta.output_counts
+        logits -= meta.frequency_penalty.unsqueeze(1) * counts
+        logits -= meta.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Token ids for all rows: argmax on greedy rows, a random draw on the others. [num_rows]"""
+    greedy = None if meta.all_random else logits.argmax(dim=-1)
+    logits.div_(meta.temperature.unsqueeze(1))
+    logits = _apply_top_k_top_p(logits, meta)
+    probs = torch.softmax(logits, dim=-1)
+    if meta.min_p is not None:
+        threshold = meta.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    q = _exponential_noise(probs, meta)
+    sampled = probs.div_(q).argmax(dim=-1)
+    if greedy is not None:
+        sampled = torch.where(meta.is_greedy, greedy, sampled)
+    return sampled
+
+
+def _exponential_noise(probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[num_rows, vocab] Exp(1) draws; seeded rows are overwritten with their own draw."""
+    q = torch.empty_like(probs).exponential_()
+    for row, seed in meta.row_seeds:
+        generator = torch.Generator(device=probs.device).manual_seed(seed)
+        q[row].exponential_(generator=generator)
+    return q.clamp_min_(_MIN_EXPONENTIAL)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf. Exactly k survive top-k."""
+    if meta.top_p is None:
+        if meta.top_k is None:
+            return logits
+        # top-k alone: a partial topk over max_k is much cheaper than a full sort.
+        assert meta.max_top_k is not None
+        values, indices = logits.topk(meta.max_top_k, dim=-1)
+        positions = torch.arange(meta.max_top_k, device=logits.device)
+        values.masked_fill_(positions >= meta.top_k.unsqueeze(1), float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
+    values, indices = logits.sort(dim=-1, descending=True)
+    if meta.top_k is not None:
+        positions = torch.arange(values.shape[1], device=logits.device)
+        values.masked_fill_(positions >= meta.top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # Rows with top_p == 1 keep everything: rounding in the cumsum must not cut their tail.
+    top_p = torch.where(meta.top_p >= 1.0, float("inf"), meta.top_p).unsqueeze(1)
+    # A token stays if the mass of the tokens above it is below top_p, so the first always stays.
+    values.masked_fill_(mass_before >= top_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, indices, values)
+
+
+def _row_logprobs(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, meta: SamplingMetadata
+) -> list[Optional[list[LogprobsEntry]]]:
+    assert meta.max_num_logprobs is not None
+    entries = _entries_from_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+    result: list[Optional[list[LogprobsEntry]]] = []
+    for entry, k in zip(entries, meta.num_logprobs):
+        if k is None:
+            result.append(None)
+            continue
+        # The chosen token is element 0; keep it plus this row's own k of the top entries.
+        result.append(
+            [LogprobsEntry(entry.token_ids[: k + 1], entry.logprobs[: k + 1], entry.rank)]
+        )
+    return result
+
+
+def logprobs_entries(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[LogprobsEntry]:
+    """One entry per row of `logits` [num_rows, vocab]: `token_ids[row]` first, then the top-k.
+
+    Used for prompt logprobs, where `token_ids` are the next prompt tokens. Values are the
+    log_softmax of `logits`; rank is 1 + the number of tokens with a strictly larger logprob.
+    """
+    if k < 0:
+        raise ValueError(f"k (the number of top logprobs) must be non-negative, got {k}.")
+    return _entries_from_logprobs(torch.log_softmax(logits.float(), dim=-1), token_ids, k)
+
+
+def _entries_from_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> list[LogprobsEntry]:
+    token_ids = token_ids.to(device=logprobs.device, dtype=torch.long).unsqueeze(1)
+    chosen = logprobs.gather(1, token_ids)  # [num_rows, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
+    all_ids = torch.cat([token_ids, top_ids], dim=1).tolist()
+    all_values = torch.cat([chosen, top_values], dim=1).tolist()
+    return [
+        LogprobsEntry(token_ids=ids, logprobs=values, rank=rank)
+        for ids, values, rank in zip(all_ids, all_values, ranks.tolist())
+    ]
