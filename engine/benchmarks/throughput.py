@@ -1,0 +1,188 @@
+"""`engine bench throughput`: offline throughput, with HF transformers as the peer in the same run.
+
+Rule: results are ratios against a peer measured in the same process on the same prompts.
+Prompts are random token ids drawn with a fixed seed (or lines of a given file). Every
+request must produce exactly its output length (`ignore_eos`), so both sides do the same
+work; HF `generate` pads the batch to the longest prompt and decodes until the longest
+request is done, and only the tokens each request asked for count as useful output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.entrypoints.args import add_engine_args, engine_args_from_namespace
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    seconds: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int  # useful output tokens (what the requests asked for)
+
+    def row(self) -> list[str]:
+        return [
+            self.name,
+            f"{self.seconds:.2f}",
+            f"{self.num_requests / self.seconds:.2f}",
+            f"{(self.prompt_tokens + self.output_tokens) / self.seconds:.1f}",
+            f"{self.output_tokens / self.seconds:.1f}",
+        ]
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def make_workload(
+    tokenizer, num_prompts: int, input_len: str, output_len: str, seed: int,
+    dataset: Optional[str] = None,
+) -> Workload:
+    rng = random.Random(seed)
+    in_lo, in_hi = _parse_range(input_len)
+    out_lo, out_hi = _parse_range(output_len)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = [t for t in range(len(tokenizer)) if t not in special]
+    prompts: list[list[int]] = []
+    if dataset:
+        with open(dataset, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        for i in range(num_prompts):
+            prompts.append(tokenizer.encode(lines[i % len(lines)]))
+    else:
+        for _ in range(num_prompts):
+            n = rng.randint(in_lo, in_hi)
+            prompts.append([rng.choice(vocab) for _ in range(n)])
+    output_lens = [rng.randint(out_lo, out_hi) for _ in range(num_prompts)]
+    return Workload(prompts, output_lens)
+
+
+def run_engine(llm, workload: Workload) -> Result:
+    from engine.sampling_params import SamplingParams
+
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        for n in workload.output_lens
+    ]
+    t0 = time.perf_counter()
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in workload.prompts], params, use_tqdm=False
+    )
+    seconds = time.perf_counter() - t0
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if produced != workload.num_output_tokens:
+        raise RuntimeError(f"engine produced {produced} tokens, expected "
+                           f"{workload.num_output_tokens}")
+    return Result("engine", seconds, len(workload.prompts), workload.num_prompt_tokens, produced)
+
+
+def load_hf_model(model_config, dtype):
+    """The same weights through HF transformers (GGUF files are dequantized by HF itself)."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    if model_config.load_format == "gguf":
+        path = model_config.gguf_file
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+        )
+    elif model_config.load_format == "dummy":
+        raise ValueError("The HF peer needs real weights; use --no-hf-peer with dummy weights.")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_config.model, dtype=dtype)
+    return model.eval()
+
+
+def run_hf(model, workload: Workload, pad_token_id: int, batch_size: int) -> Result:
+    """HF `generate`, batched and left-padded; each batch decodes to its longest output."""
+    import torch
+
+    t0 = time.perf_counter()
+    order = list(range(len(workload.prompts)))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [workload.prompts[i] for i in idx]
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(idx), longest), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            input_ids[row, longest - len(p):] = torch.tensor(p)
+            mask[row, longest - len(p):] = 1
+        new_tokens = max(workload.output_lens[i] for i in idx)
+        with torch.inference_mode():
+            model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+            )
+    seconds = time.perf_counter() - t0
+    return Result("hf-transformers", seconds, len(workload.prompts),
+                  workload.num_prompt_tokens, workload.num_output_tokens)
+
+
+def print_table(results: list[Result]) -> None:
+    header = ["runner", "seconds", "requests/s", "total tok/s", "output tok/s"]
+    rows = [header] + [r.row() for r in results]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if len(results) == 2:
+        a, b = results
+        ratio = (a.output_tokens / a.seconds) / (b.output_tokens / b.seconds)
+        print(f"useful output tokens/s ratio {a.name} / {b.name}: {ratio:.2f}x")
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Model path or hub id.")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", default="128", help="Tokens per prompt: N or LO:HI.")
+    parser.add_argument("--output-len", default="128", help="Tokens per output: N or LO:HI.")
+    parser.add_argument("--dataset", default=None, help="Text file, one prompt per line.")
+    parser.add_argument("--bench-seed", type=int, default=0, help="Seed of the workload.")
+    parser.add_argument("--hf-peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also run HF transformers generate on the same prompts.")
+    parser.add_argument("--hf-batch-size", type=int, default=None,
+                        help="HF generate batch size (default: all prompts at once).")
+    add_engine_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.entrypoints.llm import LLM
+
+    engine_args = engine_args_from_namespace(args, model=args.model)
+    t0 = time.perf_counter()
+    llm = LLM(**engine_args.model_dump())
+    print(f"engine startup: {time.perf_counter() - t0:.2f} s")
+    tokenizer = llm.get_tokenizer()
+    workload = make_workload(tokenizer, args.num_prompts, args.input_len, args.output_len,
+                             args.bench_seed, args.dataset)
+    print(f"workload: {len(workload.prompts)} prompts, {workload.num_prompt_tokens} prompt "
+          f"tokens, {workload.num_output_tokens} output tokens")
+    results = [run_engine(llm, workload)]
+    if args.hf_peer:
+        hf_model = load_hf_model(llm.config.model, llm.config.model.dtype)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        results.append(run_hf(hf_model, workload, pad, args.hf_batch_size or len(workload.prompts)))
+    print_table(results)
+    return 0
