@@ -87,6 +87,16 @@ def test_top_k_with_ties_keeps_exactly_k() -> None:
     assert len(set(out.sampled_token_ids)) == 4
 
 
+def test_rows_with_different_top_k_each_keep_their_own_k() -> None:
+    logits = torch.tensor([3.0, 2.9, 2.8, 2.7, 2.6, 0.0, -1.0]).expand(3000, -1).contiguous()
+    rows = [_row(top_k=2 if i % 3 == 0 else 4) if i % 3 != 2 else _row() for i in range(3000)]
+    torch.manual_seed(8)
+    sampled = _sample(logits, rows).sampled_token_ids
+    assert set(sampled[0::3]) == {0, 1}
+    assert set(sampled[1::3]) == {0, 1, 2, 3}
+    assert len(set(sampled[2::3])) > 4  # the row without top-k is not truncated
+
+
 def test_top_p_cuts_at_the_nucleus() -> None:
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     assert set(torch.nonzero(_frequencies(logits, 3000, top_p=0.7)).flatten().tolist()) == {0, 1}
