@@ -1,0 +1,1 @@
+"""Torch-free scheduling: requests, policies, the scheduler and its messages to the worker."""

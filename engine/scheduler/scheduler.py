@@ -1,0 +1,327 @@
+"""The scheduler: every step, decide how many tokens each request computes.
+
+Rule: there is no prefill or decode phase. A request holds `num_tokens` tokens (prompt +
+output) of which `num_computed_tokens` have KV in the cache; each step it is given
+`min(num_tokens - num_computed_tokens, remaining budget)` tokens (never past max_model_len).
+Running requests go first, in order, then waiting ones in the policy's order. Chunked
+prefill, prefix-cache hits (counted as computed) and preemption by recompute (reset to zero
+computed tokens) all fall out of that one rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from engine.kv_cache.block import KVCacheBlock
+from engine.kv_cache.manager import KVCacheManager
+from engine.scheduler.output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from engine.scheduler.policy import create_waiting_queue
+from engine.scheduler.request import Request, RequestStatus
+from engine.scheduler.stop import check_stop
+
+
+@dataclass
+class _Step:
+    """What one `schedule()` call has decided so far."""
+
+    budget: int
+    num_scheduled: dict[str, int] = field(default_factory=dict)
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)  # running requests
+    preempted: set[str] = field(default_factory=set)
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+    ) -> None:
+        self.config = config
+        self.block_size = cache_config.block_size
+        self.kv_cache = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.waiting = create_waiting_queue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        # Finished or aborted since the last schedule(): the worker must forget them.
+        self._finished_req_ids: set[str] = set()
+        # Outputs for requests finished inside schedule() (see _finish_unfittable).
+        self._pending_outputs: list[EngineCoreOutput] = []
+        self._num_preemptions = 0
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+
+    # ---- requests in and out ------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError if its prompt can never be scheduled."""
+        if request.request_id in self.requests:
+            raise ValueError(f"Request id {request.request_id!r} is already in the scheduler.")
+        limit = self.config.max_model_len
+        if request.num_tokens > limit:
+            raise ValueError(
+                f"Prompt of request {request.request_id!r} has {request.num_tokens} tokens, "
+                f"more than max_model_len={limit}; shorten it or raise --max-model-len."
+            )
+        num_blocks_needed = -(-request.num_tokens // self.block_size)
+        if num_blocks_needed > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"Prompt of request {request.request_id!r} needs {num_blocks_needed} KV-cache "
+                f"blocks but only {self.kv_cache.num_blocks} exist; raise --num-kv-blocks or "
+                "--kv-cache-memory."
+            )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and request.num_tokens > budget:
+            raise ValueError(
+                f"Prompt of request {request.request_id!r} has {request.num_tokens} tokens, "
+                f"more than max_num_batched_tokens={budget} with chunked prefill off; raise "
+                "--max-num-batched-tokens or enable chunked prefill."
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(
+        self, request_ids: Union[str, Iterable[str]], status: RequestStatus
+    ) -> None:
+        """End requests from outside (abort): free their blocks and forget them."""
+        if not status.is_finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status.name}.")
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        removed_waiting = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue  # already finished or never known: nothing to do
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                removed_waiting.append(request)
+            request.status = status
+            self._release(request)
+        if removed_waiting:
+            self.waiting.remove(removed_waiting)
+
+    def _release(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self._finished_req_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- schedule -----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """One step's decision; advances num_computed_tokens of scheduled requests
+        optimistically, as if the step had already run."""
+        step = _Step(budget=self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        # After a preemption blocks are short: admitting more would only preempt again.
+        if not step.preempted:
+            self._schedule_waiting(step)
+        cached_reqs = [
+            CachedRequestData(r.request_id, step.new_block_ids[r.request_id],
+                              r.num_computed_tokens)
+            for r in self.running
+            if r.request_id in step.new_block_ids
+        ]
+        output = SchedulerOutput(
+            scheduled_new_reqs=step.new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=step.num_scheduled,
+            total_num_scheduled_tokens=sum(step.num_scheduled.values()),
+            finished_req_ids=self._finished_req_ids,
+            preempted_req_ids=step.preempted,
+        )
+        self._finished_req_ids = set()
+        for req_id, num_tokens in step.num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += num_tokens
+        return output
+
+    def _num_tokens_to_schedule(self, request: Request, num_computed: int, budget: int) -> int:
+        return min(
+            request.num_tokens - num_computed, budget, self.config.max_model_len - num_computed
+        )
+
+    def _schedule_running(self, step: _Step) -> None:
+        i = 0
+        while i < len(self.running) and step.budget > 0:
+            request = self.running[i]
+            num_new = self._num_tokens_to_schedule(request, request.num_computed_tokens,
+                                                   step.budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            new_blocks = self._allocate_or_preempt(request, num_new, step)
+            if new_blocks is None:
+                return  # it preempted itself: no blocks for anyone after it either
+            step.num_scheduled[request.request_id] = num_new
+            step.budget -= num_new
+            step.new_block_ids[request.request_id] = [b.block_id for b in new_blocks]
+            # Preempting an earlier (already scheduled) victim shifts the list.
+            i = self.running.index(request) + 1
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, step: _Step
+    ) -> Optional[list[KVCacheBlock]]:
+        """New blocks for `request`, preempting the policy's victims until they fit; None if
+        the victim had to be `request` itself."""
+        while True:
+            new_blocks = self.kv_cache.allocate_slots(request, num_new)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self.waiting.select_victim(self.running)
+            self._preempt(victim, step)
+            if victim is request:
+                return None
+
+    def _preempt(self, victim: Request, step: _Step) -> None:
+        """Free the victim's blocks; it restarts later from zero computed tokens."""
+        num_undone = step.num_scheduled.pop(victim.request_id, 0)
+        step.budget += num_undone
+        step.new_block_ids.pop(victim.request_id, None)
+        self.kv_cache.free(victim)
+        self.running.remove(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.prepend(victim)
+        step.preempted.add(victim.request_id)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            hits, num_hit = self.kv_cache.get_computed_blocks(request)
+            num_new = self._num_tokens_to_schedule(request, num_hit, step.budget)
+            remaining = request.num_tokens - num_hit
+            # Without chunking a request goes whole, unless it could never fit whole (a
+            # resumed request whose outputs pushed it past the budget).
+            if (not self.config.enable_chunked_prefill and num_new < remaining
+                    and remaining <= self.config.max_num_batched_tokens):
+                return
+            new_blocks = self.kv_cache.allocate_slots(request, num_new, hits)
+            if new_blocks is None:
+                if not self.running:
+                    self._finish_unfittable(self.waiting.pop())
+                    continue
+                return  # FCFS: no skipping ahead of the head of the queue
+            self.waiting.pop()
+            self._admit(request, num_hit, num_new, step)
+
+    def _admit(self, request: Request, num_hit: int, num_new: int, step: _Step) -> None:
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_hit
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_hit
+        step.new_reqs.append(
+            NewRequestData(
+                req_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=list(request.output_token_ids),
+                sampling_params=request.sampling_params,
+                block_ids=self.kv_cache.get_block_ids(request.request_id),
+                num_computed_tokens=num_hit,
+            )
+        )
+        step.num_scheduled[request.request_id] = num_new
+        step.budget -= num_new
+
+    def _finish_unfittable(self, request: Request) -> None:
+        """A request that does not fit even with every block free (it grew past the cache
+        through its outputs) would wait forever: end it as LENGTH instead."""
+        request.status = RequestStatus.FINISHED_LENGTH
+        self._release(request)
+        self._pending_outputs.append(
+            EngineCoreOutput(request.request_id, [], finish_reason=request.status.finish_reason,
+                             num_cached_tokens=request.num_cached_tokens or 0)
+        )
+
+    # ---- update -------------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> EngineCoreOutputs:
+        """Append sampled tokens, run stop checks, free finished requests, report."""
+        row_of = {req_id: i for i, req_id in enumerate(runner_output.req_ids)}
+        outputs, self._pending_outputs = self._pending_outputs, []
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue  # aborted after schedule(): the worker forgets it next step
+            self._count_prompt_tokens(request, num_scheduled)
+            row = row_of.get(req_id)
+            sampled = runner_output.sampled_token_ids[row] if row is not None else []
+            new_token_ids = self._append_tokens(request, sampled)
+            new_logprobs = None
+            if runner_output.logprobs is not None and row is not None:
+                row_logprobs = runner_output.logprobs[row]
+                if row_logprobs is not None:
+                    new_logprobs = row_logprobs[: len(new_token_ids)]
+            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+            if request.is_finished:
+                self.running.remove(request)
+                self._release(request)
+            if new_token_ids or prompt_logprobs or request.is_finished:
+                outputs.append(
+                    EngineCoreOutput(
+                        request_id=req_id,
+                        new_token_ids=new_token_ids,
+                        new_logprobs=new_logprobs,
+                        new_prompt_logprobs=prompt_logprobs,
+                        finish_reason=request.status.finish_reason,
+                        stop_reason=request.stop_reason,
+                        num_cached_tokens=request.num_cached_tokens or 0,
+                    )
+                )
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _count_prompt_tokens(self, request: Request, num_scheduled: int) -> None:
+        # num_computed_tokens was already advanced by schedule().
+        end = request.num_computed_tokens
+        start = end - num_scheduled
+        prompt_len = request.num_prompt_tokens
+        self._num_prompt_tokens += max(0, min(end, prompt_len) - start)
+
+    def _append_tokens(self, request: Request, sampled: list[int]) -> list[int]:
+        new_token_ids = []
+        for token_id in sampled:
+            request.append_output_token(token_id)
+            new_token_ids.append(token_id)
+            if check_stop(request, self.config.max_model_len):
+                break
+        self._num_generation_tokens += len(new_token_ids)
+        return new_token_ids
+
+    def make_stats(self) -> SchedulerStats:
+        """Gauges now, counters since the last call (which resets them)."""
+        queries, hits = self.kv_cache.take_stats()
+        stats = SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
+            num_preemptions=self._num_preemptions,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+        )
+        self._num_preemptions = self._num_prompt_tokens = self._num_generation_tokens = 0
+        return stats
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache.reset_prefix_cache()
