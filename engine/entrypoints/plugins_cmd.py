@@ -26,11 +26,15 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from platforms.registry import choose_platform, discover
 
-    rows = [_row(info) for info in discover()]
-    print(_table(rows))
-    problems = [info for info in discover() if info.problem is not None]
-    for info in problems:
-        print(f"problem with {info.name}: {info.problem}")
+    try:
+        infos = discover()
+    except (RuntimeError, TypeError) as exc:  # a broken or clashing plugin: say which
+        print(f"discovery failed: {exc}")
+        return 1
+    print(_table([_row(info) for info in infos]))
+    for info in infos:
+        if info.problem is not None:
+            print(f"problem with {info.name}: {info.problem}")
     try:
         selection = choose_platform(_device(args))
     except (ValueError, RuntimeError) as exc:

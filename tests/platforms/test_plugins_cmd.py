@@ -51,3 +51,16 @@ def test_shows_installed_plugin_and_env_choice(fake_distribution):
     assert forced.stdout.splitlines()[-1] == "selected: cpu (forced by ENGINE_PLATFORM)"
     hidden = run_plugins(extra_env={"PYTHONPATH": path, registry.PLUGINS_ENV: "cpu"})
     assert "fakeaccel" not in hidden.stdout
+
+
+def test_broken_plugin_is_named_not_a_traceback(tmp_path):
+    info = tmp_path / "engine_broken-0.1.dist-info"
+    info.mkdir()
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: engine-broken\nVersion: 0.1\n")
+    info.joinpath("entry_points.txt").write_text("[engine.plugins]\nbroken = no_such_module_xyz\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    result = run_plugins(extra_env={"PYTHONPATH": path})
+    assert result.returncode == 1
+    assert "Plugin 'broken' (distribution engine-broken) failed to import" in result.stdout
+    allowed = run_plugins(extra_env={"PYTHONPATH": path, registry.PLUGINS_ENV: "cpu"})
+    assert allowed.returncode == 0  # the allow-list is the way around a broken plugin
