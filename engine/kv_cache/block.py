@@ -13,7 +13,8 @@ entry churn on every free/allocate of the hot path.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 from engine.kv_cache.hashing import BlockHash
 

@@ -8,7 +8,8 @@ block is popped from the free queue to be reused (lazy eviction, least recently 
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from engine.kv_cache.block import FreeBlockQueue, KVCacheBlock
 from engine.kv_cache.hashing import BlockHash

@@ -14,7 +14,8 @@ is stable across processes and runs.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import msgspec
 

@@ -10,7 +10,8 @@ the model must run on it to produce the next token's logits.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional, Protocol
 
 from engine.kv_cache.block import KVCacheBlock
 from engine.kv_cache.block_pool import BlockPool

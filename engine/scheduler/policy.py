@@ -11,7 +11,7 @@ import abc
 import heapq
 import itertools
 from collections import deque
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from engine.scheduler.request import Request
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from engine.engine_core.messages import EngineCoreRequest, FinishReason
 from engine.kv_cache.hashing import BlockHash

@@ -10,8 +10,9 @@ computed tokens) all fall out of that one rule.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats

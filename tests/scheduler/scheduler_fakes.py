@@ -9,8 +9,9 @@ So a wrong block table, a bad prefix hit or a lost block changes the outputs.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine_core.messages import EngineCoreOutput

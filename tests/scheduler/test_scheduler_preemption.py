@@ -1,10 +1,10 @@
 """Preemption by recompute, policies (order and victim), abort, prefix hits across requests."""
 
 import pytest
+from scheduler_fakes import FakeRunner, make_request, make_scheduler, run_to_completion
 
 from engine.scheduler.policy import FCFSQueue, PriorityQueue, create_waiting_queue
 from engine.scheduler.request import RequestStatus
-from scheduler_fakes import FakeRunner, make_request, make_scheduler, run_to_completion
 
 
 def _prompts():

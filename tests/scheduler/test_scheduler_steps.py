@@ -1,7 +1,6 @@
 """The one scheduling rule: chunking, mixing, budgets, max_num_seqs, new data vs deltas."""
 
 import pytest
-
 from scheduler_fakes import FakeRunner, make_request, make_scheduler, run_to_completion
 
 

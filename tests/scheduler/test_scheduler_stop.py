@@ -1,6 +1,5 @@
 """Stop checks in order: stop token ids, EOS (ignore_eos, min_tokens), max_tokens, length."""
 
-from engine.engine_core.messages import FinishReason
 from scheduler_fakes import (
     FakeRunner,
     counting_next_token,
@@ -8,6 +7,8 @@ from scheduler_fakes import (
     make_scheduler,
     run_to_completion,
 )
+
+from engine.engine_core.messages import FinishReason
 
 
 def run_one(prompt, max_model_len=256, eos=None, **params):
