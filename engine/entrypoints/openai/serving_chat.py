@@ -1,0 +1,105 @@
+"""`POST /v1/chat/completions`: messages -> chat template -> one engine request (x n).
+
+Rule: the template already holds the special tokens, so its text is tokenized without
+adding any; the first streamed delta of each choice carries the role.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from engine.engine_core.async_llm import ProcessedPrompt
+from engine.entrypoints.openai.protocol import ChatCompletionRequest
+from engine.entrypoints.openai.serving_common import (
+    ServerState,
+    chat_logprobs,
+    new_request_id,
+    usage,
+)
+from engine.entrypoints.openai.streaming import SSE_DONE, last_output, sse
+from engine.outputs.request_output import CompletionOutput, RequestOutput
+
+
+def prepare(state: ServerState, request: ChatCompletionRequest) -> ProcessedPrompt:
+    engine = state.engine
+    text = engine.input_processor.apply_chat_template(
+        [m.as_template_dict() for m in request.messages],
+        add_generation_prompt=request.add_generation_prompt,
+        chat_template_kwargs=request.chat_template_kwargs,
+        continue_final_message=request.continue_final_message,
+    )
+    token_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    params = request.to_sampling_params(
+        engine.input_processor.default_sampling_params(), request.effective_max_tokens,
+        logprobs, echo_logprobs=False,
+    )
+    return engine.process(token_ids, params, prompt_text=text)
+
+
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest) -> Any:
+    """A response dict, or an async iterator of SSE lines when `stream` is set."""
+    model = state.check_model(request.model)
+    prompt = prepare(state, request)
+    request_id = new_request_id("chatcmpl", request.request_id)
+    iterator = state.engine.generate(prompt, None, request_id, request.priority)
+    if request.stream:
+        return _stream(state, request, model, request_id, prompt, iterator)
+    final = await last_output(iterator)
+    choices = []
+    num_completion_tokens = 0
+    for completion in sorted(final.outputs, key=lambda c: c.index):
+        num_completion_tokens += len(completion.token_ids)
+        choices.append({
+            "index": completion.index,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": _logprobs(state, request, completion),
+            "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_reason,
+        })
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices,
+            "usage": usage(len(prompt.token_ids), num_completion_tokens)}
+
+
+def _logprobs(state: ServerState, request: ChatCompletionRequest,
+              completion: CompletionOutput) -> Optional[dict[str, Any]]:
+    if not request.logprobs or completion.logprobs is None:
+        return None
+    return chat_logprobs(state.engine.tokenizer, list(completion.token_ids),
+                         list(completion.logprobs), request.top_logprobs or 0)
+
+
+async def _stream(state: ServerState, request: ChatCompletionRequest, model: str,
+                  request_id: str, prompt: ProcessedPrompt,
+                  iterator: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": choices, **extra})
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                  "logprobs": None, "finish_reason": None} for i in range(request.n)])
+    num_completion_tokens = 0
+    async with contextlib.aclosing(iterator) as it:
+        async for output in it:
+            choices = []
+            for completion in output.outputs:
+                num_completion_tokens += len(completion.token_ids)
+                if not (completion.text or completion.finished() or completion.logprobs):
+                    continue  # text held back (partial UTF-8 or a possible stop string)
+                choices.append({
+                    "index": completion.index, "delta": {"content": completion.text},
+                    "logprobs": _logprobs(state, request, completion),
+                    "finish_reason": completion.finish_reason,
+                    "stop_reason": completion.stop_reason,
+                })
+            if choices:
+                yield chunk(choices)
+    if request.include_usage:
+        yield chunk([], usage=usage(len(prompt.token_ids), num_completion_tokens))
+    yield SSE_DONE

@@ -1,0 +1,100 @@
+"""What both generation endpoints share: server state, model-name check, sampling setup.
+
+Rule: all input checks happen before a request reaches the engine or a stream starts, so
+a bad request gets its 400 as a normal response, never half-way through an SSE stream.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from engine.engine_core.async_llm import AsyncLLM
+from engine.entrypoints.openai.errors import APIError
+from engine.outputs.request_output import PositionLogprobs
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLM
+    model_names: list[str]
+    model_path: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    ready: bool = True
+
+    @property
+    def default_model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, name: Optional[str]) -> str:
+        """The served name to report; 404 for a name this server does not serve."""
+        if name is None or name in self.model_names:
+            return name or self.default_model_name
+        raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                            f"{self.model_names}.", param="model")
+
+
+def new_request_id(prefix: str, given: Optional[str]) -> str:
+    return given if given else f"{prefix}-{uuid.uuid4().hex}"
+
+
+def token_text(tokenizer: Any, token_id: int, position: Optional[PositionLogprobs]) -> str:
+    """The text of one token, from the logprobs entry when it has it (decoded already)."""
+    if position is not None:
+        entry = position.get(token_id)
+        if entry is not None and entry.decoded_token is not None:
+            return entry.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def top_entries(tokenizer: Any, position: PositionLogprobs) -> list[tuple[str, float]]:
+    """(token text, logprob) of a position's entries, best first."""
+    items = sorted(position.items(), key=lambda kv: kv[1].logprob, reverse=True)
+    return [(token_text(tokenizer, tid, position), lp.logprob) for tid, lp in items]
+
+
+def completion_logprobs(tokenizer: Any, token_ids: list[int],
+                        positions: list[Optional[PositionLogprobs]],
+                        text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions `logprobs` object; a `None` position gives null entries
+    (the first prompt token when echoing)."""
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    offsets: list[int] = []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        text = token_text(tokenizer, token_id, position)
+        tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if position is None or token_id not in position:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(position[token_id].logprob)
+        top_logprobs.append(dict(top_entries(tokenizer, position)))
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, token_ids: list[int], positions: list[PositionLogprobs],
+                  top_k: int) -> dict[str, Any]:
+    """The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+    content = []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        text = token_text(tokenizer, token_id, position)
+        top = top_entries(tokenizer, position)[:top_k]
+        content.append({
+            "token": text, "logprob": position[token_id].logprob,
+            "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                             for t, lp in top],
+        })
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

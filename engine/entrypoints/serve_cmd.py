@@ -1,0 +1,140 @@
+"""`engine serve MODEL`: the OpenAI-compatible server, engine core in its own process.
+
+Rule: startup is a timed checklist (config -> start core process -> tokenizer while the
+core loads -> core ready -> listen) and shutdown always takes the core process down with
+the server: on SIGINT/SIGTERM (exit 0) and when the core dies (exit 1, after a short
+grace period in which clients get 503s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+# After the engine core dies, keep answering 503 this long before exiting.
+_DEATH_GRACE_S = 2.0
+
+
+def register(subparsers: Any) -> None:
+    from engine.entrypoints.args import add_engine_args
+
+    parser = subparsers.add_parser(
+        "serve", help="Serve a model over an OpenAI-compatible HTTP API.",
+        description="Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ready, "
+        "/version, /metrics, /docs).",
+    )
+    parser.add_argument("model", help="HF directory, GGUF file, or hub id of the model.")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
+    server.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000).")
+    server.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY"),
+                        help="Require 'Authorization: Bearer KEY' on /v1/* (default: "
+                        "$ENGINE_API_KEY, unset = no auth).")
+    server.add_argument("--served-model-name", nargs="+", default=None,
+                        help="Model name(s) clients use; the first is reported in responses "
+                        "(default: the MODEL argument).")
+    server.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error", "critical"],
+                        help="Log level of the server and the engine core (default: info).")
+    add_engine_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.entrypoints.args import engine_args_from_namespace
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    try:
+        config = engine_args_from_namespace(args, model=args.model).create_config()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config_s = time.perf_counter() - t0
+    from engine.engine_core.async_llm import AsyncLLM
+
+    try:
+        llm = AsyncLLM.start(config, log_level=args.log_level)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: the engine failed to start: {exc}", file=sys.stderr)
+        return 1
+    timings = {"config": config_s, **llm.startup_timings}
+    timings["total to ready"] = time.perf_counter() - t0
+    return asyncio.run(_serve(args, llm, timings))
+
+
+def _print_startup(args: argparse.Namespace, timings: dict[str, float]) -> None:
+    width = max(len(k) for k in timings)
+    lines = [f"  {name:<{width}}  {seconds:6.2f} s" for name, seconds in timings.items()]
+    print("Startup:\n" + "\n".join(lines), flush=True)
+    print(f"Serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+
+
+async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) -> int:
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from engine.entrypoints.openai.api_server import build_app
+    from engine.entrypoints.openai.serving_common import ServerState
+    from engine.metrics import EngineMetrics
+
+    names = args.served_model_name or [args.model]
+    registry = CollectorRegistry()
+    llm.observers.append(EngineMetrics(registry, names[0]))
+    state = ServerState(engine=llm, model_names=names, model_path=args.model)
+    app = build_app(state, registry, api_key=args.api_key)
+    server = _server_class()(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        access_log=args.log_level == "debug", timeout_graceful_shutdown=2,
+        lifespan="off",
+    ))
+    exit_code = 0
+    loop = asyncio.get_running_loop()
+
+    def on_core_death() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        print("error: the engine core process died; shutting down.", file=sys.stderr,
+              flush=True)
+        loop.call_later(_DEATH_GRACE_S, server.request_exit)
+
+    llm.begin(on_death=on_core_death)
+    try:
+        started = asyncio.create_task(server.serve())
+        while not server.started and not started.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            _print_startup(args, timings)
+        await started
+    finally:
+        state.ready = False
+        llm.shutdown()
+    if not server.started:
+        return 1
+    return exit_code
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, but SIGINT/SIGTERM end it with exit code 0 instead of re-raising the
+        signal after shutdown (which would kill the process before the core is stopped)."""
+
+        def handle_exit(self, sig: int, frame: Optional[Any]) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+        def request_exit(self) -> None:
+            self.should_exit = True
+
+    return Server
