@@ -99,7 +99,7 @@ class SamplingMetadata:
     is_greedy: torch.Tensor  # bool
     temperature: torch.Tensor  # float32; 1.0 on greedy rows so dividing is harmless
     top_k: Optional[torch.Tensor]  # long; vocab_size where a row has no top-k
-    max_top_k: Optional[int]
+    max_top_k: Optional[int]  # the largest k among rows that have one
     top_p: Optional[torch.Tensor]  # float32; 1.0 where a row has no top-p
     min_p: Optional[torch.Tensor]  # float32; 0.0 where a row has no min-p
     # (row indices, token ids, bias values), one entry per (row, token) pair.
@@ -134,7 +134,7 @@ class SamplingMetadata:
             all_random=len(random_rows) == len(rows),
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             temperature=_float_tensor(
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)], device
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device
             ),
             **_truncation(params, greedy, vocab_size, device),
             logit_bias=_logit_bias(params, device),
@@ -157,14 +157,14 @@ def _truncation(
     # Greedy rows never reach truncation, so their settings do not count.
     top_ks = [
         min(p.top_k, vocab_size) if p.top_k is not None and not g else vocab_size
-        for p, g in zip(params, greedy)
+        for p, g in zip(params, greedy, strict=True)
     ]
-    top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
-    min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
-    use_top_k = any(k < vocab_size for k in top_ks)
+    top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
+    min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
+    limited = [k for k in top_ks if k < vocab_size]
     return dict(
-        top_k=torch.tensor(top_ks, dtype=torch.long, device=device) if use_top_k else None,
-        max_top_k=max(top_ks) if use_top_k else None,
+        top_k=torch.tensor(top_ks, dtype=torch.long, device=device) if limited else None,
+        max_top_k=max(limited) if limited else None,
         top_p=_float_tensor(top_ps, device) if any(p < 1.0 for p in top_ps) else None,
         min_p=_float_tensor(min_ps, device) if any(p > 0.0 for p in min_ps) else None,
     )

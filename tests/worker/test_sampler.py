@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.worker.sampler import Sampler, apply_logits_processors, logprobs_entries
+from engine.worker.sampler import (
+    Sampler,
+    _apply_top_k_top_p,
+    apply_logits_processors,
+    logprobs_entries,
+)
 from engine.worker.sampling_metadata import (
     RequestSamplingState,
     SamplingMetadata,
@@ -116,6 +121,45 @@ def test_top_p_after_top_k_renormalizes_over_the_kept_tokens() -> None:
     assert set(torch.nonzero(freq).flatten().tolist()) == {0}
 
 
+def _reference_top_k_top_p(row: torch.Tensor, top_k: Optional[int], top_p: float) -> torch.Tensor:
+    values, indices = row.sort(descending=True)
+    if top_k is not None:
+        values[top_k:] = float("-inf")
+    probs = values.softmax(-1)
+    kept = 0
+    mass = 0.0
+    # top_p == 1 keeps everything, even where the float sum reaches 1 early.
+    while kept < len(values) and (top_p >= 1.0 or mass < top_p) and values[kept] > float("-inf"):
+        mass += float(probs[kept])
+        kept += 1
+    out = torch.full_like(row, float("-inf"))
+    out[indices[:kept]] = row[indices[:kept]]
+    return out
+
+
+def test_top_k_top_p_match_a_full_sort_reference_on_wide_and_narrow_rows() -> None:
+    """Vocab 2000 > the partial top-k's candidates: flat rows take the full-sort fallback."""
+    torch.manual_seed(9)
+    vocab = 2000
+    settings = [(None, 0.9), (None, 0.5), (5, 0.8), (400, 0.95), (30, 1.0), (None, 1.0)]
+    rows, logits = [], []
+    for scale in (0.05, 1.0, 8.0):  # flat (wide nucleus) to peaked (narrow nucleus)
+        for top_k, top_p in settings:
+            rows.append(_row(top_k=top_k, top_p=top_p))
+            logits.append(torch.randn(vocab) * scale)
+    batch = torch.stack(logits)
+    meta = SamplingMetadata.build(rows, vocab, CPU)
+    got = _apply_top_k_top_p(batch.clone(), meta)
+    for i, r in enumerate(rows):
+        expected = _reference_top_k_top_p(batch[i], r.params.top_k, r.params.top_p)
+        kept_got = torch.isfinite(got[i])
+        # Float rounding may move the nucleus edge by a token on flat rows; allow one.
+        assert (kept_got ^ torch.isfinite(expected)).sum() <= 1, (i, r.params)
+        assert torch.equal(got[i][kept_got], batch[i][kept_got])
+        if r.params.top_k is not None:
+            assert int(kept_got.sum()) <= r.params.top_k
+
+
 def test_min_p_drops_tokens_below_the_scaled_maximum() -> None:
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     assert set(torch.nonzero(_frequencies(logits, 3000, min_p=0.2)).flatten().tolist()) == {
@@ -202,7 +246,7 @@ def test_penalties_and_bias_match_a_per_row_reference() -> None:
     rng = random.Random(6)
     torch.manual_seed(6)
     rows = []
-    for i in range(12):
+    for _ in range(12):
         rows.append(
             _row(
                 output=[rng.randrange(vocab) for _ in range(rng.randrange(10))],
