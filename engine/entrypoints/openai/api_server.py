@@ -117,7 +117,8 @@ def build_app(state: ServerState, registry: CollectorRegistry,
         alive()
         if not state.ready:
             return _error(503, "The server is starting or stopping.")
-        return {"ready": True, "startup_timings": state.engine.startup_timings}
+        return {"ready": True, "startup_timings": state.engine.startup_timings,
+                "engine_core_pid": state.engine.client.pid}
 
     @app.get("/version")
     async def version() -> dict[str, str]:
