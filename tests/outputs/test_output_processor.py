@@ -37,23 +37,28 @@ def assert_empty(processor):
 def test_n_children_get_distinct_seeds_and_one_request_output(tokenizer, words):
     processor = OutputProcessor(tokenizer)
     params = SamplingParams(n=3, seed=7, max_tokens=2)
-    core = processor.add_request("req", "Say hi", [5, 6], params, arrival_time=1.0,
-                                 priority=2, eos_token_id=2)
+    core = processor.add_request(
+        "req", "Say hi", [5, 6], params, arrival_time=1.0, priority=2, eos_token_id=2
+    )
     assert [r.request_id for r in core] == ["0_req", "1_req", "2_req"]
     assert [r.sampling_params.seed for r in core] == [7, 8, 9]
     assert all(r.sampling_params.n == 1 and r.prompt_token_ids == [5, 6] for r in core)
     assert all(r.priority == 2 and r.eos_token_id == 2 for r in core)
     assert processor.get_num_unfinished_requests() == 1
 
-    outs, _ = processor.process_outputs(batch(out("0_req", [words["Hi"]]), out("2_req", [words["!"]])))
+    outs, _ = processor.process_outputs(
+        batch(out("0_req", [words["Hi"]]), out("2_req", [words["!"]]))
+    )
     assert len(outs) == 1 and not outs[0].finished
     assert [c.index for c in outs[0].outputs] == [0, 2]  # CUMULATIVE: children with tokens
     length = FinishReason.LENGTH
-    outs, _ = processor.process_outputs(batch(
-        out("0_req", [words[" there"]], finish_reason=length),
-        out("1_req", [words["Hi"], words["!"]], finish_reason=length),
-        out("2_req", [words["!"]], finish_reason=length),
-    ))
+    outs, _ = processor.process_outputs(
+        batch(
+            out("0_req", [words[" there"]], finish_reason=length),
+            out("1_req", [words["Hi"], words["!"]], finish_reason=length),
+            out("2_req", [words["!"]], finish_reason=length),
+        )
+    )
     final = outs[0]
     assert final.finished and final.request_id == "req" and final.prompt == "Say hi"
     assert [c.text for c in final.outputs] == ["Hi there", "Hi!", "!!"]
@@ -72,8 +77,11 @@ def feed_three_steps(tokenizer, words, kind):
     processor = OutputProcessor(tokenizer)
     processor.add_request("r", None, [1], SamplingParams(output_kind=kind), arrival_time=0.0)
     results = []
-    for ids, reason in (([words["Hi"]], None), ([words[" there"]], None),
-                        ([words["!"]], FinishReason.LENGTH)):
+    for ids, reason in (
+        ([words["Hi"]], None),
+        ([words[" there"]], None),
+        ([words["!"]], FinishReason.LENGTH),
+    ):
         outs, _ = processor.process_outputs(batch(out("r", ids, finish_reason=reason)))
         results.append(outs)
     assert_empty(processor)
@@ -86,7 +94,11 @@ def test_cumulative_delta_final_only(tokenizer, words):
     assert [len(o[0].outputs[0].token_ids) for o in cumulative] == [1, 2, 3]
     delta = feed_three_steps(tokenizer, words, RequestOutputKind.DELTA)
     assert [o[0].outputs[0].text for o in delta] == ["Hi", " there", "!"]
-    assert [o[0].outputs[0].token_ids for o in delta] == [[words["Hi"]], [words[" there"]], [words["!"]]]
+    assert [o[0].outputs[0].token_ids for o in delta] == [
+        [words["Hi"]],
+        [words[" there"]],
+        [words["!"]],
+    ]
     assert [o[0].finished for o in delta] == [False, False, True]
     final_only = feed_three_steps(tokenizer, words, RequestOutputKind.FINAL_ONLY)
     assert [len(o) for o in final_only] == [0, 0, 1]
@@ -97,9 +109,13 @@ def test_final_only_with_n_waits_for_all_children(tokenizer, words):
     processor = OutputProcessor(tokenizer)
     params = SamplingParams(n=2, output_kind=RequestOutputKind.FINAL_ONLY)
     processor.add_request("r", None, [1], params, arrival_time=0.0)
-    outs, _ = processor.process_outputs(batch(out("0_r", [words["Hi"]], finish_reason=FinishReason.STOP)))
+    outs, _ = processor.process_outputs(
+        batch(out("0_r", [words["Hi"]], finish_reason=FinishReason.STOP))
+    )
     assert outs == []
-    outs, _ = processor.process_outputs(batch(out("1_r", [words["!"]], finish_reason=FinishReason.LENGTH)))
+    outs, _ = processor.process_outputs(
+        batch(out("1_r", [words["!"]], finish_reason=FinishReason.LENGTH))
+    )
     assert [(c.index, c.finish_reason) for c in outs[0].outputs] == [(0, "stop"), (1, "length")]
     assert_empty(processor)
 
@@ -108,9 +124,16 @@ def test_stop_token_text_is_dropped_but_token_kept(tokenizer, words):
     processor = OutputProcessor(tokenizer)
     params = SamplingParams(stop_token_ids=[words["!"]])
     processor.add_request("r", None, [1], params, arrival_time=0.0)
-    outs, aborts = processor.process_outputs(batch(
-        out("r", [words["Hi"], words["!"]], finish_reason=FinishReason.STOP,
-            stop_reason=words["!"])))
+    outs, aborts = processor.process_outputs(
+        batch(
+            out(
+                "r",
+                [words["Hi"], words["!"]],
+                finish_reason=FinishReason.STOP,
+                stop_reason=words["!"],
+            )
+        )
+    )
     completion = outs[0].outputs[0]
     assert completion.text == "Hi" and completion.token_ids == [words["Hi"], words["!"]]
     assert completion.finish_reason == "stop" and completion.stop_reason == words["!"]
@@ -120,12 +143,17 @@ def test_stop_token_text_is_dropped_but_token_kept(tokenizer, words):
 def test_logprobs_conversion_and_cumulative_logprob(tokenizer, words):
     processor = OutputProcessor(tokenizer)
     processor.add_request("r", None, [1], SamplingParams(logprobs=2), arrival_time=0.0)
-    first = LogprobsEntry(token_ids=[words["Hi"], words["!"], words["Hi"]],
-                          logprobs=[-0.5, -0.1, -0.5], rank=2)
-    second = LogprobsEntry(token_ids=[words[" there"], words[" there"], words["Hi"]],
-                           logprobs=[-0.25, -0.25, -3.0], rank=1)
-    outs, _ = processor.process_outputs(batch(
-        out("r", [words["Hi"], words[" there"]], new_logprobs=[first, second])))
+    first = LogprobsEntry(
+        token_ids=[words["Hi"], words["!"], words["Hi"]], logprobs=[-0.5, -0.1, -0.5], rank=2
+    )
+    second = LogprobsEntry(
+        token_ids=[words[" there"], words[" there"], words["Hi"]],
+        logprobs=[-0.25, -0.25, -3.0],
+        rank=1,
+    )
+    outs, _ = processor.process_outputs(
+        batch(out("r", [words["Hi"], words[" there"]], new_logprobs=[first, second]))
+    )
     completion = outs[0].outputs[0]
     assert math.isclose(completion.cumulative_logprob, -0.75)
     position = completion.logprobs[0]
@@ -158,11 +186,16 @@ def test_prompt_logprobs_accumulate_over_chunks(tokenizer, words, kind):
     # Chunked prefill: two steps of prompt logprobs, no token yet -> nothing to hand out.
     outs, _ = processor.process_outputs(batch(out("r", [], new_prompt_logprobs=[entry(11, -1.0)])))
     assert outs == []
-    outs, _ = processor.process_outputs(batch(out(
-        "r", [words["Hi"]], new_prompt_logprobs=[entry(12, -2.0), entry(13, -3.0)])))
+    outs, _ = processor.process_outputs(
+        batch(out("r", [words["Hi"]], new_prompt_logprobs=[entry(12, -2.0), entry(13, -3.0)]))
+    )
     prompt_logprobs = outs[0].prompt_logprobs
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(prompt)
-    assert [p[t].logprob for p, t in zip(prompt_logprobs[1:], prompt[1:])] == [-1.0, -2.0, -3.0]
+    assert [p[t].logprob for p, t in zip(prompt_logprobs[1:], prompt[1:], strict=True)] == [
+        -1.0,
+        -2.0,
+        -3.0,
+    ]
     outs, _ = processor.process_outputs(batch(out("r", [words["!"]])))
     if kind == RequestOutputKind.DELTA:
         assert outs[0].prompt_logprobs is None  # sent once, with the first output
@@ -187,8 +220,9 @@ def test_metrics_and_cached_tokens(tokenizer, words):
     processor = OutputProcessor(tokenizer)
     processor.add_request("r", None, [1, 2, 3], SamplingParams(), arrival_time=10.0)
     processor.process_outputs(batch(out("r", [words["Hi"]], num_cached_tokens=2), timestamp=10.5))
-    outs, _ = processor.process_outputs(batch(
-        out("r", [words["!"]], finish_reason=FinishReason.LENGTH), timestamp=11.0))
+    outs, _ = processor.process_outputs(
+        batch(out("r", [words["!"]], finish_reason=FinishReason.LENGTH), timestamp=11.0)
+    )
     metrics = outs[0].metrics
     assert metrics.first_token_time == 10.5 and metrics.last_token_time == 11.0
     assert metrics.time_to_first_token == 0.5 and metrics.e2e_latency == 1.0
@@ -207,9 +241,16 @@ def test_detokenize_false_gives_ids_only(tokenizer, words):
     processor = OutputProcessor(tokenizer)
     params = SamplingParams(detokenize=False, logprobs=0)
     processor.add_request("r", None, [1], params, arrival_time=0.0)
-    outs, _ = processor.process_outputs(batch(out(
-        "r", [words["Hi"]], new_logprobs=[entry(words["Hi"], -0.1)],
-        finish_reason=FinishReason.LENGTH)))
+    outs, _ = processor.process_outputs(
+        batch(
+            out(
+                "r",
+                [words["Hi"]],
+                new_logprobs=[entry(words["Hi"], -0.1)],
+                finish_reason=FinishReason.LENGTH,
+            )
+        )
+    )
     completion = outs[0].outputs[0]
     assert completion.text == "" and completion.token_ids == [words["Hi"]]
     assert completion.logprobs[0][words["Hi"]].decoded_token is None
@@ -221,8 +262,11 @@ def test_many_requests_leave_nothing_behind(tokenizer, words):
         params = SamplingParams(n=1 + i % 3, stop=["!"] if i % 2 else None)
         processor.add_request(f"r{i}", None, [1], params, arrival_time=0.0)
     core_ids = list(processor._children)
-    outs, aborts = processor.process_outputs(batch(*[out(c, [words["Hi"], words["!"]]) for c in core_ids]))
+    outs, aborts = processor.process_outputs(
+        batch(*[out(c, [words["Hi"], words["!"]]) for c in core_ids])
+    )
     assert len(aborts) == sum(1 + i % 3 for i in range(20) if i % 2)
-    processor.process_outputs(batch(*[
-        out(c, [words["Hi"]], finish_reason=FinishReason.LENGTH) for c in core_ids]))
+    processor.process_outputs(
+        batch(*[out(c, [words["Hi"]], finish_reason=FinishReason.LENGTH) for c in core_ids])
+    )
     assert_empty(processor)

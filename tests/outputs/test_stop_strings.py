@@ -70,16 +70,12 @@ def test_include_stop_str_in_output(tokenizer):
 
 
 def test_delta_streaming_never_shows_part_of_a_stop_string(tokenizer):
-    params = SamplingParams(
-        stop=["STOP"], max_tokens=100, output_kind=RequestOutputKind.DELTA
-    )
+    params = SamplingParams(stop=["STOP"], max_tokens=100, output_kind=RequestOutputKind.DELTA)
     processor = OutputProcessor(tokenizer)
     processor.add_request("r", None, [1], params, arrival_time=0.0)
     streamed, aborts = "", []
     for piece in ["one ", "ST", " two ", "STO", " three ", "ST", "OP", " four"]:
-        outs, abort_ids = processor.process_outputs(
-            step("r", char_tokens(tokenizer, piece))
-        )
+        outs, abort_ids = processor.process_outputs(step("r", char_tokens(tokenizer, piece)))
         aborts.extend(abort_ids)
         streamed += "".join(o.outputs[0].text for o in outs)
         if piece in ("ST", "STO"):
