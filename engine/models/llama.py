@@ -1,0 +1,207 @@
+"""The Llama decoder, shared by every Llama-shaped model (Llama 2/3/3.1, Mistral, SmolLM2,
+DeepSeek-R1-Distill-Llama) and, through `DecoderOptions`, by Qwen2 and Qwen3.
+
+Rule: a variant is a set of options on this one decoder (qkv bias, per-head q/k norm), never
+a copy of it. Tokens are flattened ([T], no batch dimension); the paged cache work is the
+`Attention` layer's. Compute runs in the model dtype; logits come out in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from engine.models.layers.activation import silu_and_mul
+from engine.models.layers.attention import Attention
+from engine.models.layers.layernorm import RMSNorm
+from engine.models.layers.linear import Embedding, Linear, MergedLinear
+from engine.models.layers.rotary import RotaryEmbedding, rope_settings
+from platforms.interface import AttentionBackend
+
+# HF projection name -> (our merged parameter, shard index).
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# Checkpoint entries that are recomputed here rather than loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """What differs between Llama-shaped families."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
+
+    @staticmethod
+    def llama(config: Any) -> DecoderOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return DecoderOptions(qkv_bias=bias, o_bias=bias)
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions,
+                 rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size],
+                                     bias=opts.qkv_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=opts.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
+        self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.head_dim**-0.5, backend)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: Any
+                ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.flatten(1), k.flatten(1), v.contiguous(), attn_metadata)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions,
+                 rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, backend, opts, rotary_emb)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: Optional[torch.Tensor], attn_metadata: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        theta, rope_params = rope_settings(config)
+        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
+                                     theta, rope_params)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, backend, opts, rotary_emb)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
+                ) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-shaped causal LM; subclasses only choose `DecoderOptions`."""
+
+    def __init__(self, config: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, attn_backend, self.decoder_options(config))
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head: Optional[Linear] = (
+            None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        )
+
+    @classmethod
+    def decoder_options(cls, config: Any) -> DecoderOptions:
+        return DecoderOptions.llama(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
+                ) -> torch.Tensor:
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden_states, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if hf_name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding table is the head
+            name, shard = _our_name(hf_name)
+            param = params.get(name)
+            if param is None:
+                raise ValueError(
+                    f"Checkpoint tensor {hf_name!r} has no parameter in "
+                    f"{type(self).__name__}; the weights do not match the config's architecture."
+                )
+            if shard is None:
+                _copy_checked(param, tensor, hf_name)
+            else:
+                module = self.get_submodule(name.rsplit(".", 1)[0])
+                module.load_shard(param, tensor, shard)
+            loaded.add(name)
+        return loaded
+
+
+def _our_name(hf_name: str) -> tuple[str, Optional[int]]:
+    """HF parameter name -> (our parameter name, shard index or None)."""
+    parts = hf_name.split(".")
+    for i, part in enumerate(parts):
+        if part in _STACKED:
+            merged, shard = _STACKED[part]
+            return ".".join(parts[:i] + [merged] + parts[i + 1:]), shard
+    return hf_name, None
+
+
+def _copy_checked(param: nn.Parameter, tensor: torch.Tensor, hf_name: str) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(
+            f"Checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model "
+            f"expects {tuple(param.shape)}; the weights do not match the config."
+        )
+    param.data.copy_(tensor)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral checkpoints are Llama-shaped (sliding window aside, unused at these lengths)."""

@@ -1,0 +1,60 @@
+"""Where weights come from: safetensors files (one or sharded), a GGUF file, or random.
+
+Rule: weights stream one tensor at a time as (HF name, tensor) pairs, so peak memory stays
+near the model's own size; the model maps names and copies into its parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Random weights: normal(0, std); norm scales stay near 1 so activations keep their size.
+_DUMMY_STD = 0.02
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """The checkpoint files of an HF directory, in shard order, or ValueError."""
+    index = os.path.join(model_dir, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(model_dir, SAFETENSORS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    if found:
+        return [os.path.join(model_dir, n) for n in found]
+    raise ValueError(
+        f"No safetensors weights in {model_dir} (looked for {SAFETENSORS_FILE} and "
+        f"{SAFETENSORS_INDEX}); convert the checkpoint to safetensors or pass "
+        f"--load-format dummy for random weights."
+    )
+
+
+def safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) from every shard, memory-mapped, one tensor at a time."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, f.get_tensor(name)
+
+
+def fill_dummy(model: nn.Module, seed: int) -> None:
+    """Seeded random weights from the config alone: reproducible across runs and devices
+    (drawn on the host in float32, then copied)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        values = torch.randn(param.shape, generator=gen) * _DUMMY_STD
+        if name.endswith("norm.weight"):
+            values += 1.0
+        param.data.copy_(values)
