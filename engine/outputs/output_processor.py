@@ -104,7 +104,12 @@ class OutputProcessor:
         for index, core_id in enumerate(core_ids):
             child_params = params
             if params.n > 1:
-                child_params = params.clone(n=1, seed=child_seed(params.seed, index))
+                child_params = params.clone(
+                    n=1,
+                    seed=child_seed(params.seed, index),
+                    # The prompt is shared: only completion 0 needs its logprobs computed.
+                    prompt_logprobs=params.prompt_logprobs if index == 0 else None,
+                )
             completion = CompletionState(
                 index,
                 core_id,

@@ -270,3 +270,26 @@ def test_many_requests_leave_nothing_behind(tokenizer, words):
         batch(*[out(c, [words["Hi"]], finish_reason=FinishReason.LENGTH) for c in core_ids])
     )
     assert_empty(processor)
+
+
+def test_only_the_first_child_computes_prompt_logprobs(tokenizer):
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(n=3, prompt_logprobs=1)
+    core = processor.add_request("r", None, [1, 2], params, arrival_time=0.0)
+    assert [r.sampling_params.prompt_logprobs for r in core] == [1, None, None]
+
+
+def test_delta_stream_of_emojis_never_splits_a_character(tokenizer):
+    text = "🎉 你好 👩‍👩‍👧!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(output_kind=RequestOutputKind.DELTA, max_tokens=len(ids))
+    processor.add_request("r", None, [1], params, arrival_time=0.0)
+    deltas = []
+    for i, token_id in enumerate(ids):
+        reason = FinishReason.LENGTH if i == len(ids) - 1 else None
+        outs, _ = processor.process_outputs(batch(out("r", [token_id], finish_reason=reason)))
+        deltas.extend(o.outputs[0].text for o in outs)
+    assert len(deltas) == len(ids)  # one output per token, some with empty text
+    assert "" in deltas and all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
