@@ -19,15 +19,23 @@ _MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+# HF model_type -> architecture, for configs saved without an `architectures` list.
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def check_architecture(architectures: list[str] | None) -> str:
-    """The first supported name of a config's `architectures` list, else ValueError."""
+def check_architecture(architectures: list[str] | None, model_type: str | None = None) -> str:
+    """The first supported name of a config's `architectures` list (or, when the list is
+    absent, the causal LM of its `model_type`), else ValueError."""
     for arch in architectures or []:
         if arch in _MODELS:
             return arch
+    if not architectures and model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
     raise ValueError(
         f"Model architecture {architectures!r} is not supported; supported architectures: "
         f"{', '.join(supported_architectures())}."

@@ -136,8 +136,6 @@ def _block_layout(qtype: int, name: str) -> tuple[int, int]:
             f"cannot read; use a GGUF with a supported type (F32, F16, BF16, Q8_0, Q4_0, "
             f"Q4_1, K-quants) or the HF safetensors checkpoint."
         ) from None
-    # F32 comes back as a read-only view of the mmap; torch wants writable memory.
-    return out if out.flags.writeable else out.copy()
 
 
 def dequantize(tensor: GGUFTensor) -> torch.Tensor:

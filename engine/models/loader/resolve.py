@@ -38,7 +38,8 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
 
         hf_config = AutoConfig.from_pretrained(source.directory,
                                                trust_remote_code=args.trust_remote_code)
-    architecture = check_architecture(getattr(hf_config, "architectures", None))
+    architecture = check_architecture(getattr(hf_config, "architectures", None),
+                                      getattr(hf_config, "model_type", None))
     tokenizer = _tokenizer_source(args, source)
     max_model_len = _max_model_len(args.max_model_len, hf_config)
     model = ModelConfig(
