@@ -119,7 +119,7 @@ class ModelConfig:
     tokenizer: str
     load_format: str  # "safetensors" | "gguf" | "dummy"
     hf_config: Any  # transformers.PretrainedConfig
-    dtype: Any  # torch.dtype
+    dtype: Any  # torch.dtype; None = "auto": the platform resolves the checkpoint dtype
     max_model_len: int
     architecture: str
     gguf_file: Optional[str] = None  # absolute path when load_format == "gguf"

@@ -161,8 +161,11 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden_states, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy (HF name, tensor) pairs in; a merged parameter counts as loaded only once
+        all its shards (q, k and v; gate and up) have arrived."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        shards_seen: dict[str, set[int]] = {}
         for hf_name, tensor in weights:
             if hf_name.endswith(_IGNORED_SUFFIXES):
                 continue
@@ -180,6 +183,9 @@ class LlamaForCausalLM(nn.Module):
             else:
                 module = self.get_submodule(name.rsplit(".", 1)[0])
                 module.load_shard(param, tensor, shard)
+                shards_seen.setdefault(name, set()).add(shard)
+                if len(shards_seen[name]) < len(module.output_sizes):
+                    continue
             loaded.add(name)
         return loaded
 

@@ -63,6 +63,16 @@ def test_missing_and_unexpected_weights_are_errors(tiny_checkpoint, model_builde
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks weights for model\.layers\.1\.mlp\.down_proj"):
         model_builder(EngineArgs(model=directory).create_config().model)
+    # One shard of a merged projection missing (k of q/k/v) is missing too.
+    tensors[name] = torch.zeros(64, 128)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    k_name = "model.layers.0.self_attn.k_proj.weight"
+    k_shard = os.path.join(directory, index["weight_map"][k_name])
+    tensors = load_file(k_shard)
+    tensors.pop(k_name)
+    save_file(tensors, k_shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights for .*self_attn\.qkv_proj"):
+        model_builder(EngineArgs(model=directory).create_config().model)
 
 
 def test_dummy_weights_need_no_files_and_are_seeded(tmp_path, model_builder, prompt_runner):
