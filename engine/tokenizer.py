@@ -89,6 +89,17 @@ def eos_token_ids(model_config: ModelConfig, tokenizer: Optional[Any] = None) ->
     return list(dict.fromkeys(ids))
 
 
+def eos_token_id(model_config: ModelConfig, tokenizer: Optional[Any] = None) -> Optional[int]:
+    """The one end-of-sequence id the request messages carry: the tokenizer's own (for
+    instruct models, the end-of-turn token the chat template emits), else the first of
+    `eos_token_ids`; None when the model names none."""
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if tokenizer_eos is not None:
+        return int(tokenizer_eos)
+    ids = eos_token_ids(model_config)
+    return ids[0] if ids else None
+
+
 def _as_list(value: Any) -> list[int]:
     if value is None:
         return []

@@ -13,7 +13,7 @@ import torch
 from engine.config import EngineArgs
 from engine.models.loader.gguf_model import hf_name
 from engine.models.loader.gguf_reader import GGUFFile, GGUFTensor, dequantize
-from engine.tokenizer import eos_token_ids, load_tokenizer
+from engine.tokenizer import eos_token_id, eos_token_ids, load_tokenizer
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
@@ -68,6 +68,7 @@ def test_tokenizer_round_trip_cache_and_chat_template(smollm2_config, smollm2_to
         messages, tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>assistant" in rendered
     assert eos_token_ids(model, second) == [2]
+    assert eos_token_id(model, second) == 2
 
 
 def test_gguf_reader_names_and_unknown_quant_type(smollm2):

@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 from engine.config import EngineArgs
 from engine.models.loader.resolve import checkpoint_dtype
 from engine.models.registry import get_model_class, supported_architectures
-from engine.tokenizer import eos_token_ids
+from engine.tokenizer import eos_token_id, eos_token_ids
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -150,6 +150,7 @@ def test_generation_defaults_chat_template_and_eos(tmp_path):
     assert config.generation_defaults == {"temperature": 0.6, "top_p": 0.9}
     assert config.chat_template == "{{ messages[0]['content'] }}"
     assert eos_token_ids(config) == [7, 2]
+    assert eos_token_id(config) == 7  # no tokenizer: the first of the list
     assert EngineArgs(model=directory, generation_config="none").create_config() \
         .model.generation_defaults is None
 
