@@ -49,6 +49,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offline-model", default=None,
                         help="Also run the same workload through LLM.generate in one batch "
                         "on this model path and print the serve/offline throughput ratio.")
+    parser.add_argument("--offline-max-num-seqs", type=int, default=None,
+                        help="max_num_seqs of the offline run (default: --max-concurrency, so "
+                        "both runs batch the same number of requests).")
+    parser.add_argument("--offline-kv-cache-memory", default=None,
+                        help="kv_cache_memory of the offline run (e.g. 1g; default: the "
+                        "platform's choice).")
 
 
 def make_prompts(args: argparse.Namespace) -> list[Prompt]:
@@ -179,7 +185,13 @@ def run_offline(args: argparse.Namespace, prompts: list[Prompt]) -> float:
     """Output tokens/s of the same workload through `LLM.generate` in one batch."""
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=args.offline_model)
+    kwargs: dict[str, Any] = {}
+    max_num_seqs = args.offline_max_num_seqs or args.max_concurrency
+    if max_num_seqs:
+        kwargs["max_num_seqs"] = max_num_seqs
+    if args.offline_kv_cache_memory:
+        kwargs["kv_cache_memory"] = args.offline_kv_cache_memory
+    llm = LLM(model=args.offline_model, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
     start = time.perf_counter()

@@ -16,7 +16,8 @@ KEY = "s3cret"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server("--api-key", KEY, "--max-model-len", "512", "--log-level", "warning")
+    srv = start_server("--api-key", KEY, "--max-model-len", "512", "--log-level", "warning",
+                       "--kv-cache-memory", "256m")
     yield srv
     srv.stop()
 

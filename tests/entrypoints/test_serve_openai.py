@@ -19,7 +19,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def server():
     srv = start_server("--served-model-name", *NAMES, "--max-model-len", str(MAX_MODEL_LEN),
-                       "--max-num-seqs", "128")
+                       "--max-num-seqs", "128", "--kv-cache-memory", "1g")
     yield srv
     srv.stop()
 
