@@ -165,3 +165,21 @@ def test_generation_defaults_chat_template_and_eos(tmp_path):
 def test_load_format_must_fit_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="--load-format"):
         EngineArgs(model=tiny_config_dir(tmp_path), load_format="gguf").create_config()
+
+
+def test_hub_id_is_served_from_the_local_cache(tmp_path, monkeypatch):
+    """A hub id already in the HF cache resolves offline to its snapshot directory."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--engine-tests--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    tiny_config_dir(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = EngineArgs(model="engine-tests/tiny-llama", load_format="dummy").create_config()
+    assert os.path.samefile(config.model.model, snapshot)
+    assert config.model.tokenizer == config.model.model
+    assert config.model.architecture == "LlamaForCausalLM"
