@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, Optional, Union
 
-from engine.config import EngineConfig
+from engine.config import EngineArgs, EngineConfig
 from engine.engine_core.messages import SchedulerStats
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
@@ -69,20 +69,24 @@ class AsyncLLM:
         self._on_death: list[Callable[[], None]] = []
 
     @classmethod
-    def start(cls, config: EngineConfig, log_level: str = "info") -> AsyncLLM:
-        """Launch the core, load the tokenizer meanwhile, and wait until the core is ready."""
+    def start(cls, engine_args: EngineArgs, log_level: str = "info") -> AsyncLLM:
+        """Launch the core first, then resolve the config and load the tokenizer here while
+        the core loads the model; return once the core is ready. Raises ValueError for a
+        bad configuration, RuntimeError when the core fails to start."""
         from engine.tokenizer import load_tokenizer
 
         t0 = time.perf_counter()
-        client = AsyncMPClient(config, log_level=log_level)
+        client = AsyncMPClient(engine_args, log_level=log_level)
+        timings: dict[str, float] = {}
         try:
+            config = engine_args.create_config()
+            timings["config (in parallel)"] = time.perf_counter() - t0
             tokenizer = load_tokenizer(config.model)
-            tokenizer_s = time.perf_counter() - t0
-            timings = dict(client.wait_until_ready())
+            timings["tokenizer (in parallel)"] = time.perf_counter() - t0
+            timings.update(client.wait_until_ready())
         except BaseException:
             client.shutdown()
             raise
-        timings["tokenizer (in parallel)"] = tokenizer_s
         timings["core ready"] = time.perf_counter() - t0
         return cls(config, client, tokenizer, timings)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from engine.config import EngineConfig
+from engine.config import EngineArgs, EngineConfig
 from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
 from engine.engine_core.process import (
@@ -42,7 +42,8 @@ class EngineDeadError(RuntimeError):
 class _MPClientBase:
     """Sockets and process shared by the sync and async clients."""
 
-    def __init__(self, config: EngineConfig, ctx: zmq.Context, log_level: str) -> None:
+    def __init__(self, config: EngineConfig | EngineArgs, ctx: zmq.Context,
+                 log_level: str) -> None:
         ipc_dir, input_address, output_address = new_ipc_addresses()
         self.ctx = ctx
         self.input_socket = ctx.socket(zmq.PUSH)
@@ -85,7 +86,7 @@ class _MPClientBase:
 class SyncMPClient(_MPClientBase, EngineCoreClient):
     """Blocking client (`EngineCoreClient`): for front ends without an event loop."""
 
-    def __init__(self, config: EngineConfig, log_level: str = "info") -> None:
+    def __init__(self, config: EngineConfig | EngineArgs, log_level: str = "info") -> None:
         super().__init__(config, zmq.Context(), log_level)
 
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -129,7 +130,7 @@ class SyncMPClient(_MPClientBase, EngineCoreClient):
 class AsyncMPClient(_MPClientBase):
     """asyncio client for the API server: sends never block, `get_output_async` awaits."""
 
-    def __init__(self, config: EngineConfig, log_level: str = "info") -> None:
+    def __init__(self, config: EngineConfig | EngineArgs, log_level: str = "info") -> None:
         super().__init__(config, zmq.asyncio.Context(), log_level)
         self._utility_futures: dict[int, asyncio.Future] = {}
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import zmq
 
-from engine.config import EngineConfig
+from engine.config import EngineArgs, EngineConfig
 from engine.engine_core.messages import EngineCoreOutputs
 from engine.engine_core.transport import (
     UTILITY_METHODS,
@@ -118,9 +118,12 @@ class EngineCoreProc:
         self.output_socket.send_multipart(encode(OutputType.UTILITY_RESULT, result))
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str,
+def run_engine_core(config: EngineConfig | EngineArgs, input_address: str, output_address: str,
                     ready_conn: Connection, parent_pid: int, log_level: str) -> None:
-    """Entry point of the core process (a `multiprocessing` spawn target)."""
+    """Entry point of the core process (a `multiprocessing` spawn target).
+
+    Given `EngineArgs`, the core resolves the config itself, so the parent can resolve its
+    own copy (for the tokenizer and limits) at the same time instead of before the spawn."""
     # Ctrl-C reaches the whole process group; the parent decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
@@ -130,6 +133,8 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     try:
         from engine.engine_core.core import EngineCore
 
+        if isinstance(config, EngineArgs):
+            config = config.create_config()
         core = EngineCore(config)
         proc = EngineCoreProc(core, ctx, input_address, output_address, parent_pid)
         ready_conn.send({"status": "ready", "timings": dict(getattr(core, "startup_timings", {}))})
@@ -194,7 +199,7 @@ def new_ipc_addresses() -> tuple[str, str, str]:
     return ipc_dir, f"ipc://{ipc_dir}/input", f"ipc://{ipc_dir}/output"
 
 
-def launch_engine_core(config: EngineConfig, ipc_dir: str, input_address: str,
+def launch_engine_core(config: EngineConfig | EngineArgs, ipc_dir: str, input_address: str,
                        output_address: str, log_level: str = "info") -> CoreProcessHandle:
     """Start the core process; the caller has already bound both addresses."""
     ctx = multiprocessing.get_context("spawn")

@@ -1,9 +1,9 @@
 """`engine serve MODEL`: the OpenAI-compatible server, engine core in its own process.
 
-Rule: startup is a timed checklist (config -> start core process -> tokenizer while the
-core loads -> core ready -> listen) and shutdown always takes the core process down with
-the server: on SIGINT/SIGTERM (exit 0) and when the core dies (exit 1, after a short
-grace period in which clients get 503s).
+Rule: startup is a timed checklist (start the core process -> resolve the config and load
+the tokenizer here while the core loads the model -> core ready -> listen), and shutdown
+always takes the core process down with the server: on SIGINT/SIGTERM (exit 0) and when
+the core dies (exit 1, after a short grace period in which clients get 503s).
 """
 
 from __future__ import annotations
@@ -53,20 +53,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    try:
-        config = engine_args_from_namespace(args, model=args.model).create_config()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    config_s = time.perf_counter() - t0
     from engine.engine_core.async_llm import AsyncLLM
 
     try:
-        llm = AsyncLLM.start(config, log_level=args.log_level)
-    except (RuntimeError, ValueError) as exc:
+        engine_args = engine_args_from_namespace(args, model=args.model)
+        llm = AsyncLLM.start(engine_args, log_level=args.log_level)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
         print(f"error: the engine failed to start: {exc}", file=sys.stderr)
         return 1
-    timings = {"config": config_s, **llm.startup_timings}
+    timings = dict(llm.startup_timings)
     timings["total to ready"] = time.perf_counter() - t0
     return asyncio.run(_serve(args, llm, timings))
 
