@@ -115,6 +115,8 @@ class SyncMPClient(_MPClientBase, EngineCoreClient):
                 return _utility_value(payload)
 
     def _recv(self) -> tuple[OutputType, Any]:
+        if self._closed:
+            raise EngineDeadError("The engine-core client was shut down.")
         while not self.output_socket.poll(100):
             if not self.is_alive:
                 raise EngineDeadError(f"Engine core exited (code {self.handle.process.exitcode}).")
