@@ -96,8 +96,10 @@ class AsyncLLM:
         if on_death is not None:
             self._on_death.append(on_death)
         self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
-        self.client.watch_death(lambda: self._mark_dead("the engine core process exited "
-                                                         f"(code {self.client.handle.process.exitcode})"))
+        process = self.client.handle.process
+        self.client.watch_death(
+            lambda: self._mark_dead(f"the engine core process exited (code {process.exitcode})")
+        )
 
     @property
     def is_alive(self) -> bool:
