@@ -120,6 +120,13 @@ class Platform(abc.ABC):
     def synchronize(self) -> None:  # noqa: B027
         """Wait until queued device work is done (no-op for synchronous devices)."""
 
+    def allocate_kv_cache(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """One layer's KV-cache tensor. It must hold finite values (zeros) before first use:
+        padded attention reads slots no request has written yet, with zero weight."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def seed_everything(self, seed: int) -> None:
         torch.manual_seed(seed)
 

@@ -25,6 +25,10 @@ from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.tokenizer import eos_token_id as resolve_eos_token_id
 from engine.tokenizer import load_tokenizer
 
+# Cumulative counters kept from each step's SchedulerStats.
+_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+             "num_prompt_tokens", "num_generation_tokens")
+
 PromptType = Union[str, list[int], dict[str, Any]]
 Conversation = list[dict[str, Any]]
 
@@ -51,6 +55,7 @@ class LLM:
         self.client = InprocClient(self.core)
         self.eos_token_id = resolve_eos_token_id(model_config, self.tokenizer)
         self._counter = itertools.count()
+        self._totals: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.startup_seconds = time.perf_counter() - t0
 
     def get_tokenizer(self) -> Any:
@@ -130,6 +135,12 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         return self.core.reset_prefix_cache()
 
+    def get_metrics(self) -> dict[str, float]:
+        """Counters since this LLM started (prefix-cache queries/hits in tokens, preemptions,
+        prompt and generation tokens) and the current KV-cache usage."""
+        usage = self.core.scheduler.kv_cache.usage
+        return {**self._totals, "kv_cache_usage": usage}
+
     # ---- internals ----
     def _params_for(self, prompts: list, params: Any) -> list[SamplingParams]:
         if params is None:
@@ -151,6 +162,9 @@ class LLM:
         try:
             while len(finished) < len(request_ids):
                 outputs = self.client.get_output()
+                if outputs.scheduler_stats is not None:
+                    for name in _COUNTERS:
+                        self._totals[name] += getattr(outputs.scheduler_stats, name)
                 request_outputs, to_abort = self.output_processor.process_outputs(outputs)
                 self.client.abort_requests(to_abort)
                 for out in request_outputs:

@@ -82,7 +82,7 @@ class ModelRunner:
         shape = self.attn_backend.kv_cache_shape(num_blocks)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in layers:
-            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.kv_cache = self.platform.allocate_kv_cache(shape, self.dtype, self.device)
         self.num_blocks = num_blocks
 
     # ---- one step ----

@@ -42,5 +42,16 @@ class CpuPlatform(Platform):
         free, _ = self.memory_info()
         return min(_DEFAULT_KV_CACHE_BYTES, int(free * 0.5))
 
+    def allocate_kv_cache(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        # Each layer's cache is far above glibc's mmap threshold (32 MiB at most), so it comes
+        # from a fresh anonymous mapping, which the kernel zero-fills page by page on first
+        # touch. Writing zeros ourselves would touch every page of gigabytes at startup.
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        if tensor.numel() * tensor.element_size() < 64 * 1024**2:
+            tensor.zero_()  # small enough to come from reused heap memory: clear it
+        return tensor
+
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         return CpuAttentionBackend(spec)

@@ -64,7 +64,8 @@ def test_smollm2_greedy_matches_hf_in_one_chunked_batch(smollm2_llm, hf_smollm2,
 
 
 def test_smollm2_prefix_cache_hits_and_same_tokens(smollm2_llm, hf_smollm2, smollm2_tokenizer):
-    smollm2_llm.reset_prefix_cache()
+    assert smollm2_llm.reset_prefix_cache()
+    before = smollm2_llm.get_metrics()["prefix_cache_hits"]
     shared = make_prompts(smollm2_tokenizer, [300])[0]
     tails = make_prompts(smollm2_tokenizer, [3, 9, 14, 20])
     prompts = [shared + t for t in tails]
@@ -77,6 +78,7 @@ def test_smollm2_prefix_cache_hits_and_same_tokens(smollm2_llm, hf_smollm2, smol
     block = smollm2_llm.config.cache.block_size
     for out in rest:
         assert out.num_cached_tokens >= (len(shared) // block) * block
+    assert smollm2_llm.get_metrics()["prefix_cache_hits"] - before >= 3 * (len(shared) // block) * block
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf_smollm2, prompt, 16)
 
