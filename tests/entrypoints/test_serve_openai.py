@@ -174,6 +174,7 @@ def test_utility_endpoints(server):
     assert ready["ready"] and "load" in ready["startup_timings"]
     assert httpx.get(base + "/openapi.json").json()["paths"]["/v1/completions"]
     assert httpx.get(base + "/docs").status_code == 200
+    assert httpx.post(base + "/reset_prefix_cache").json() == {"reset": True}
     metrics = httpx.get(base + "/metrics").text
     for name in ("engine:prompt_tokens_total", "engine:generation_tokens_total",
                  "engine:time_to_first_token_seconds_bucket", "engine:request_success_total",

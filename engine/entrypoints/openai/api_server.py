@@ -128,6 +128,11 @@ def build_app(state: ServerState, registry: CollectorRegistry,
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict[str, Any]:
+        alive()
+        return {"reset": bool(await state.engine.reset_prefix_cache())}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         max_len = state.engine.config.model.max_model_len
