@@ -108,8 +108,8 @@ def test_logprobs(client):
     assert all(x <= 0.0 for x in lp.token_logprobs)
     assert all(len(top) >= 3 for top in lp.top_logprobs)
     # greedy: the chosen token is the most likely one
-    assert all(abs(max(top.values()) - x) < 1e-4 for top, x in zip(lp.top_logprobs,
-                                                                    lp.token_logprobs))
+    pairs = zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    assert all(abs(max(top.values()) - x) < 1e-4 for top, x in pairs)
     chat = client.chat.completions.create(
         model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
         temperature=0.0, logprobs=True, top_logprobs=2)
