@@ -85,7 +85,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs.timestamp = time.monotonic()
+        outputs.timestamp = time.time()  # wall clock, like arrival_time
         return outputs
 
     def reset_prefix_cache(self) -> bool:

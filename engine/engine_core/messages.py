@@ -50,6 +50,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # The stop token id that ended the request, if any (stop strings are found client-side).
     stop_reason: Optional[int] = None
     num_cached_tokens: int = 0
+    # Wall-clock time the request was first scheduled (for queue-time metrics).
+    first_scheduled_time: Optional[float] = None
 
     @property
     def finished(self) -> bool:

@@ -194,6 +194,8 @@ class OutputProcessor:
         self, parent: _ParentState, output: EngineCoreOutput, timestamp: float
     ) -> None:
         metrics = parent.metrics
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = output.first_scheduled_time
         if output.new_token_ids:
             if metrics.first_token_time is None:
                 metrics.first_token_time = timestamp

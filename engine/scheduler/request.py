@@ -69,6 +69,7 @@ class Request:
         self.stop_reason: Optional[int] = None
         # Prefix-cache hit length when first scheduled; None until then.
         self.num_cached_tokens: Optional[int] = None
+        self.first_scheduled_time: Optional[float] = None  # wall clock, set when admitted
         self.num_preemptions = 0
         # Chained hashes of the full blocks of all_token_ids, extended as tokens arrive.
         self.block_hashes: list[BlockHash] = []

@@ -10,6 +10,7 @@ computed tokens) all fall out of that one rule.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -229,6 +230,7 @@ class Scheduler:
         request.num_computed_tokens = num_hit
         if request.num_cached_tokens is None:
             request.num_cached_tokens = num_hit
+            request.first_scheduled_time = time.time()
         step.new_reqs.append(
             NewRequestData(
                 req_id=request.request_id,
@@ -237,6 +239,7 @@ class Scheduler:
                 sampling_params=request.sampling_params,
                 block_ids=self.kv_cache.get_block_ids(request.request_id),
                 num_computed_tokens=num_hit,
+                eos_token_id=request.eos_token_id,
             )
         )
         step.num_scheduled[request.request_id] = num_new
@@ -287,6 +290,7 @@ class Scheduler:
                         finish_reason=request.status.finish_reason,
                         stop_reason=request.stop_reason,
                         num_cached_tokens=request.num_cached_tokens or 0,
+                        first_scheduled_time=request.first_scheduled_time,
                     )
                 )
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())

@@ -137,3 +137,23 @@ def test_unknown_path_and_architecture_errors(tmp_path):
                                                       "model_type": "llama"}))
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         LLM(model=str(tmp_path))
+
+
+def test_min_tokens_masks_eos_even_when_eos_is_favoured(llm):
+    eos = llm.eos_token_id
+    # A large bias makes EOS the greedy choice at every step; min_tokens must hold it off.
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=6,
+                            logit_bias={eos: 100.0})
+    out = llm.generate(["Hello"], params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 7 and eos not in out.token_ids[:6]
+    assert out.token_ids[6] == eos and out.finish_reason == "stop"
+
+
+def test_metrics_timestamps_are_wall_clock_and_ordered(llm):
+    import time
+
+    t0 = time.time()
+    out = llm.generate(["Hi"], SamplingParams(max_tokens=4), use_tqdm=False)[0]
+    m = out.metrics
+    assert t0 <= m.arrival_time <= m.first_scheduled_time <= m.first_token_time
+    assert m.first_token_time <= m.finished_time <= time.time()
