@@ -50,7 +50,10 @@ def _chat(args: argparse.Namespace) -> int:
     llm, params = _make(args)
     history: list[dict[str, str]] = []
     while True:
-        text = args.message if args.message is not None else input("> ")
+        try:
+            text = args.message if args.message is not None else input("> ")
+        except EOFError:  # Ctrl-D ends an interactive chat
+            return 0
         history.append({"role": "user", "content": text})
         reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
         print(reply)

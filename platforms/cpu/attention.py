@@ -148,7 +148,8 @@ class CpuAttentionBackend(AttentionBackend):
                 ) -> torch.Tensor:  # [D, H, head]
         spec = self.spec
         if group.block_table is not None:
-            q = query[group.token_idx].contiguous()
+            pure = len(group.token_idx) == common.num_actual_tokens  # rows already in order
+            q = query.contiguous() if pure else query[group.token_idx].contiguous()
             out = torch.empty_like(q)
             table = group.block_table
             self.native.paged_decode_f32(

@@ -12,4 +12,4 @@ import torch.nn.functional as F
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2 * d] (gate then up) -> [..., d] = silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # in place on silu's fresh output: one buffer, not two

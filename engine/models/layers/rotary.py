@@ -61,9 +61,15 @@ def inverse_frequencies(head_dim: int, theta: float, params: dict[str, Any]) -> 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, head_dim // 2] float32 -> x rotated, x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    # Written into one output buffer: no temporaries per term and no final cat.
+    out = torch.empty_like(x32)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
