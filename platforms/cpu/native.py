@@ -40,7 +40,7 @@ def _cpu_signature() -> str:
     return os.uname().machine
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None (with the reason in native_kernels_status())."""
     global _status
