@@ -60,7 +60,7 @@ class EngineArgs(BaseModel):
         None,
         ge=1,
         description="Token budget of one step; prompts longer than this are prefilled in "
-        "chunks. Defaults to the platform's choice.",
+        "chunks. Defaults to 2048 (max(max_model_len, 2048) when chunked prefill is off).",
     )
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     enable_prefix_caching: bool = Field(

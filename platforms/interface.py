@@ -142,9 +142,6 @@ class Platform(abc.ABC):
         """dtype for `dtype="auto"`: the model's, or the closest this platform runs well."""
         return model_dtype if model_dtype in self.supported_dtypes else self.supported_dtypes[0]
 
-    def default_max_num_batched_tokens(self) -> int:
-        return 2048
-
     def kv_cache_bytes(self, config: EngineConfig, model_bytes: int) -> int:
         """How many bytes the KV cache may take, given the measured free memory."""
         if config.cache.kv_cache_memory is not None:

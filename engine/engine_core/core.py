@@ -14,6 +14,7 @@ import time
 from engine.config import EngineConfig
 from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
 from engine.executor.uniproc import UniprocExecutor
+from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler
 from platforms.registry import select_platform
@@ -25,13 +26,7 @@ def resolve_for_platform(config: EngineConfig, platform) -> EngineConfig:
     """Fill what the platform decides (dtype for "auto"), then validate; never mutates."""
     model = config.model
     if model.dtype is None:
-        import torch
-
-        hf = model.hf_config
-        model_dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or torch.float32
-        if isinstance(model_dtype, str):
-            model_dtype = getattr(torch, model_dtype)
-        model = dataclasses.replace(model, dtype=platform.resolve_dtype(model_dtype))
+        model = dataclasses.replace(model, dtype=platform.resolve_dtype(checkpoint_dtype(model)))
         config = dataclasses.replace(config, model=model)
     problems = platform.validate(config)
     if problems:
