@@ -27,3 +27,23 @@ def engine_platforms() -> list[type]:
             from my_plugin.platform import MyPlatform
             return [MyPlatform]
     """
+
+
+@hookspec
+def engine_kernels() -> list:
+    """Return `platforms.kernels.KernelImpl` objects: named op implementations to offer.
+
+    For kernel libraries that serve platforms they do not define (a platform's own kernels
+    come from `Platform.kernel_overrides`). Each impl names the op, its priority (> 0; the
+    torch reference is 0), its provider, and optionally the platforms it runs on. For each
+    op, the highest priority among those usable on the chosen platform wins.
+
+    Example::
+
+        @hookimpl
+        def engine_kernels():
+            from platforms.kernels import KernelImpl
+            from my_kernels import fast_rms_norm
+            return [KernelImpl("rms_norm", fast_rms_norm, priority=20,
+                               provider="my-kernels", platforms=frozenset({"cuda"}))]
+    """

@@ -2,13 +2,26 @@
 
 Rule: the core asks capabilities, never identities. Everything device-specific (where
 tensors live, how much memory there is, how attention reads the paged KV cache, how a
-forward is captured) is answered by a `Platform` subclass that a plugin registers through
-the `engine_platforms` hook. Optional features are capability flags with safe defaults.
+forward is captured, how ranks talk, which op implementations run) is answered by a
+`Platform` subclass that a plugin registers through the `engine_platforms` hook. Optional
+features are capability flags with safe defaults.
+
+The concerns, each a small group of methods below:
+
+* discovery: `is_available()` (cheap, import-light), `priority`, `api_version`;
+* device and memory: `device`, `device_count`, `set_device`, `memory_info`, `synchronize`,
+  `seed_everything`, `make_generator`, `create_event`, `allocate_kv_cache`;
+* attention: `attention_backend(spec) -> AttentionBackend` (cache layout, metadata, forward);
+* capture: `graph_runner(forward, config) -> GraphRunner` (eager, graphs, XLA, static shapes);
+* collectives: `distributed_backend`, `communicator(group) -> Communicator`;
+* kernels: `kernel_overrides() -> list[KernelImpl]` (named ops, see `platforms.kernels`);
+* config: `resolve_dtype`, `kv_cache_bytes`, `validate(config) -> list[str]` (never mutates).
 """
 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
@@ -16,11 +29,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 
 if TYPE_CHECKING:
+    import torch.distributed
+
     from engine.config import EngineConfig
+    from platforms.kernels import KernelImpl
 
 # Bumped whenever a method below changes meaning or signature. A plugin states the version
 # it was written for in `Platform.api_version`; a mismatch is a clear error at selection.
-PLATFORM_API_VERSION = 1
+PLATFORM_API_VERSION = 2
+# Version history:
+#   1  first cut: device/memory, attention backend, compile_model.
+#   2  graph_runner replaces compile_model; communicator, kernel_overrides, create_event,
+#      supported_head_sizes and distributed_backend added.
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,182 @@ class AttentionBackend(abc.ABC):
         request's cached context plus its new tokens."""
 
 
+ModelForward = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+# Builds a throw-away batch of `num_tokens` decode tokens (input_ids, positions, metadata
+# from the platform's own backend) for a graph runner to capture with.
+DummyBatchFactory = Callable[[int], tuple[torch.Tensor, torch.Tensor, Any]]
+
+
+class GraphRunner:
+    """How the model forward runs each step: eagerly (this base), or compiled/captured.
+
+    The model runner calls `capture(make_batch)` once at warm-up, then the runner itself for
+    every step with the step's real (unpadded) inputs. A capturing runner pads to the
+    nearest captured size on its own and returns rows for the real tokens only, so padding
+    never leaks into the core.
+
+    Example (a runner that compiles once and runs every size)::
+
+        class CompiledRunner(GraphRunner):
+            def __init__(self, forward, config):
+                super().__init__(torch.compile(forward, dynamic=True), config)
+    """
+
+    def __init__(self, forward: ModelForward, config: EngineConfig) -> None:
+        self.forward = forward
+        self.config = config
+        self.captured_sizes: tuple[int, ...] = ()
+
+    def capture(self, make_batch: DummyBatchFactory) -> None:  # noqa: B027 (optional)
+        """Compile or capture whatever the runner replays later (eager: nothing)."""
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        return self.forward(input_ids, positions, attn_metadata)
+
+
+class Communicator(abc.ABC):
+    """Collectives among the ranks of one process group, on this platform's device.
+
+    Every method is called by all ranks of the group with tensors of the same shape and
+    dtype (except `send`/`recv`, which pair two ranks). Results are new tensors unless said.
+
+    Example::
+
+        comm = platform.communicator(group)
+        y = comm.all_reduce(x)          # sum over ranks
+    """
+
+    rank: int
+    world_size: int
+
+    @abc.abstractmethod
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over ranks."""
+
+    @abc.abstractmethod
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's `x` concatenated along `dim`, in rank order."""
+
+    @abc.abstractmethod
+    def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Sum over ranks, then this rank's equal slice of it along `dim`."""
+
+    @abc.abstractmethod
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """`src`'s tensor on every rank (in place into `x`; `x` returned)."""
+
+    @abc.abstractmethod
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Send to group rank `dst` (blocks until matched)."""
+
+    @abc.abstractmethod
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive from group rank `src` into `x` (shape and dtype agreed); `x` returned."""
+
+    @abc.abstractmethod
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Split `x` into world_size equal chunks along dim 0; chunk j goes to rank j, and
+        the result is the chunks received, concatenated in rank order."""
+
+    def barrier(self) -> None:  # noqa: B027
+        """Wait for every rank."""
+
+    def destroy(self) -> None:  # noqa: B027
+        """Release resources (the group itself belongs to whoever created it)."""
+
+
+class TorchDistributedCommunicator(Communicator):
+    """A communicator over a `torch.distributed` group (gloo, nccl, or any backend torch
+    knows): enough for most platforms, which then only name their backend."""
+
+    def __init__(self, group: torch.distributed.ProcessGroup) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        self._dist.all_reduce(out, group=self.group)
+        return out
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if x.shape[dim] % self.world_size:
+            raise ValueError(
+                f"reduce_scatter needs dim {dim} ({x.shape[dim]}) divisible by the group size "
+                f"{self.world_size}."
+            )
+        # Sum everywhere, keep this rank's slice: correct on every backend, gloo included
+        # (which has no reduce_scatter); platforms with a native one override this.
+        total = self.all_reduce(x)
+        return total.chunk(self.world_size, dim=dim)[self.rank].contiguous()
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._dist.broadcast(x, src=self._global[src], group=self.group)
+        return x
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        self._dist.send(x.contiguous(), dst=self._global[dst], group=self.group)
+
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        self._dist.recv(x, src=self._global[src], group=self.group)
+        return x
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % self.world_size:
+            raise ValueError(
+                f"all_to_all needs dim 0 ({x.shape[0]}) divisible by the group size "
+                f"{self.world_size}."
+            )
+        chunks = [c.contiguous() for c in x.chunk(self.world_size, dim=0)]
+        try:
+            out = [torch.empty_like(c) for c in chunks]
+            self._dist.all_to_all(out, chunks, group=self.group)
+        except RuntimeError:
+            # gloo has no all_to_all: every rank broadcasts its chunks in turn.
+            out = []
+            for j in range(self.world_size):
+                mine = self.all_gather(chunks[j].unsqueeze(0), dim=0)  # chunk j of every rank
+                if j == self.rank:
+                    out = list(mine.unbind(0))
+        return torch.cat(out, dim=0)
+
+    def barrier(self) -> None:
+        self._dist.barrier(group=self.group)
+
+
+class DeviceEvent:
+    """A point in a device's work queue: record it, wait for it, time between two.
+
+    This base is for synchronous devices (the host clock); queued devices return their own
+    events from `Platform.create_event`.
+    """
+
+    def __init__(self) -> None:
+        self._t: Optional[float] = None
+
+    def record(self) -> None:
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:  # noqa: B027 (synchronous: nothing to wait for)
+        """Wait until the device passed this event."""
+
+    def elapsed_ms(self, end: DeviceEvent) -> float:
+        if self._t is None or end._t is None:
+            raise RuntimeError("elapsed_ms needs both events recorded.")
+        return (end._t - self._t) * 1000.0
+
+
 class Platform(abc.ABC):
     """One kind of device. Subclasses are registered through the `engine_platforms` hook."""
 
@@ -98,6 +294,8 @@ class Platform(abc.ABC):
     # Capability flags (optional features default to off).
     supports_graph_capture: ClassVar[bool] = False
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    supported_head_sizes: ClassVar[Optional[tuple[int, ...]]] = None  # None: any
+    distributed_backend: ClassVar[str] = "gloo"  # torch.distributed backend for its groups
 
     @classmethod
     @abc.abstractmethod
@@ -131,6 +329,10 @@ class Platform(abc.ABC):
     def seed_everything(self, seed: int) -> None:
         torch.manual_seed(seed)
 
+    def create_event(self) -> DeviceEvent:
+        """An event in this device's current work queue (timing, cross-stream waits)."""
+        return DeviceEvent()
+
     def make_generator(self, seed: int) -> torch.Generator:
         """A random generator on this device, seeded (used by per-request seeded sampling)."""
         gen = torch.Generator(device=self.device_type)
@@ -159,6 +361,13 @@ class Platform(abc.ABC):
                 f"dtype {str(dtype).removeprefix('torch.')} is not supported on {self.name} "
                 f"(supported: {names}); pass --dtype with one of them."
             )
+        head_size = config.model.head_dim
+        if self.supported_head_sizes is not None and head_size not in self.supported_head_sizes:
+            sizes = ", ".join(map(str, self.supported_head_sizes))
+            problems.append(
+                f"head size {head_size} is not supported by {self.name}'s attention "
+                f"(supported: {sizes}); run the model on another platform with --device."
+            )
         return problems
 
     # ---- factories ----
@@ -166,9 +375,18 @@ class Platform(abc.ABC):
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         """The attention backend for layers of this spec."""
 
-    def compile_model(self, forward: Callable[..., Any], config: EngineConfig) -> Callable[..., Any]:
-        """How the model forward is compiled/captured (identity: eager)."""
-        return forward
+    def graph_runner(self, forward: ModelForward, config: EngineConfig) -> GraphRunner:
+        """How the model forward is compiled/captured and replayed (base: eager)."""
+        return GraphRunner(forward, config)
+
+    def communicator(self, group: torch.distributed.ProcessGroup) -> Communicator:
+        """Collectives over `group`, a torch.distributed group created with
+        `distributed_backend`."""
+        return TorchDistributedCommunicator(group)
+
+    def kernel_overrides(self) -> list[KernelImpl]:
+        """Named op implementations this platform prefers (see `platforms.kernels`)."""
+        return []
 
     def describe(self) -> dict[str, Optional[str]]:
         """What `engine plugins` shows about this platform."""
@@ -177,4 +395,8 @@ class Platform(abc.ABC):
             "priority": str(self.priority),
             "graph_capture": str(self.supports_graph_capture),
             "dtypes": ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes),
+            "head_sizes": (", ".join(map(str, self.supported_head_sizes))
+                           if self.supported_head_sizes else "any"),
+            "collectives": self.distributed_backend,
+            "kernels": ", ".join(sorted({k.name for k in self.kernel_overrides()})) or "reference",
         }

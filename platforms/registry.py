@@ -19,6 +19,7 @@ import pluggy
 
 from platforms import hookspecs
 from platforms.interface import PLATFORM_API_VERSION, Platform
+from platforms.kernels import KernelImpl, KernelTable, resolve_kernels
 
 ENTRY_POINT_GROUP = "engine.plugins"
 PLUGINS_ENV = "ENGINE_PLUGINS"  # comma-separated allow-list of entry-point names
@@ -171,6 +172,25 @@ class PlatformRegistry:
         self._infos = infos
         return infos
 
+    def kernel_impls(self) -> list[KernelImpl]:
+        """Every kernel implementation the loaded plugins offer through `engine_kernels`."""
+        if not self._loaded:
+            self.load()
+        impls: list[KernelImpl] = []
+        for hookimpl in self.plugin_manager.hook.engine_kernels.get_hookimpls():
+            for impl in hookimpl.function() or []:
+                if not isinstance(impl, KernelImpl):
+                    raise TypeError(
+                        f"Plugin {hookimpl.plugin_name!r} returned {impl!r} from engine_kernels; "
+                        "expected platforms.kernels.KernelImpl objects."
+                    )
+                impls.append(impl)
+        return impls
+
+    def kernel_table(self, platform: Platform) -> KernelTable:
+        """The op table for `platform`: its own overrides and the plugins', by priority."""
+        return resolve_kernels(platform.name, [*platform.kernel_overrides(), *self.kernel_impls()])
+
     # ---- selection ----
     def choose(self, device: Optional[str] = None) -> Selection:
         """The platform to run on, and why. `device` (from --device) beats ENGINE_PLATFORM."""
@@ -281,6 +301,10 @@ def discover() -> list[PlatformInfo]:
 
 def choose_platform(device: Optional[str] = None) -> Selection:
     return get_registry().choose(device)
+
+
+def kernel_table(platform: Platform) -> KernelTable:
+    return get_registry().kernel_table(platform)
 
 
 def select_platform(device: Optional[str] = None) -> Platform:

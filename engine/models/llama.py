@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from engine.models.layers.activation import silu_and_mul
+from engine.models.layers.activation import SiluAndMul
 from engine.models.layers.attention import Attention
 from engine.models.layers.layernorm import RMSNorm
 from engine.models.layers.linear import Embedding, Linear, MergedLinear
@@ -88,9 +88,10 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
         self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -10,7 +10,7 @@ Startup is a checklist: load -> size the KV cache from memory -> bind caches -> 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.worker.input_batch import InputBatch, StepInputs
 from engine.worker.sampler import Sampler, logprobs_entries
 from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetadata
-from platforms.interface import AttentionSpec, Platform
+from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
+from platforms.kernels import use_kernels
+from platforms.registry import kernel_table
 
 
 class ModelRunner:
@@ -50,8 +52,10 @@ class ModelRunner:
 
     # ---- startup ----
     def load_model(self) -> None:
-        self.model = load_model(self.config.model, self.attn_backend, self.device, self.dtype)
-        self.forward = self.platform.compile_model(self.model.forward, self.config)
+        self.kernels = kernel_table(self.platform)
+        with use_kernels(self.kernels):
+            self.model = load_model(self.config.model, self.attn_backend, self.device, self.dtype)
+        self.forward = self.platform.graph_runner(self.model.forward, self.config)
 
     @property
     def model_bytes(self) -> int:
@@ -177,4 +181,25 @@ class ModelRunner:
         self.input_batch.update(
             SchedulerOutput([], [], {}, 0, finished_req_ids={req.req_id})
         )
+        with torch.inference_mode():
+            self.forward.capture(self.dummy_decode_batch)
         self.platform.synchronize()
+
+    def dummy_decode_batch(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`num_tokens` one-token requests at position 0, all in block 0 (whose contents are
+        overwritten before any request reads them): what a graph runner captures with."""
+        block_size = self.config.cache.block_size
+        n = num_tokens
+        qsl = torch.arange(n + 1, dtype=torch.int32)
+        seq_lens = torch.ones(n, dtype=torch.int32)
+        common = CommonAttentionMetadata(
+            num_reqs=n, num_actual_tokens=n, max_query_len=1, max_seq_len=1,
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+            num_computed_tokens_cpu=torch.zeros(n, dtype=torch.int32),
+            query_start_loc=qsl.to(self.device), seq_lens=seq_lens.to(self.device),
+            block_table=torch.zeros(n, 1, dtype=torch.int32, device=self.device),
+            slot_mapping=(torch.arange(n, dtype=torch.int64) % block_size).to(self.device),
+        )
+        input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        positions = torch.zeros(n, dtype=torch.int64, device=self.device)
+        return input_ids, positions, self.attn_backend.build_metadata(common)

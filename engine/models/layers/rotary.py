@@ -1,6 +1,7 @@
 """Rotary position embedding (neox / HF `rotate_half` layout) with a cos/sin cache.
 
-Rule: the cache and the rotation are computed in float32, then cast back to the model dtype;
+Rule: the cache and the rotation are computed in float32, then cast back to the model dtype
+(the rotation is the `rotary_embedding` op of the current kernel table);
 scaling variants only change the inverse frequencies. Reads both rope spellings of HF
 configs: transformers 5 `rope_parameters` and the older `rope_theta` + `rope_scaling`.
 """
@@ -12,6 +13,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from platforms.kernels import kernel
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -59,19 +62,6 @@ def inverse_frequencies(head_dim: int, theta: float, params: dict[str, Any]) -> 
     )
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim // 2] float32 -> x rotated, x's dtype."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    # Written into one output buffer: no temporaries per term and no final cat.
-    out = torch.empty_like(x32)
-    out1, out2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
-    return out.to(x.dtype)
-
-
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by their positions, looking cos/sin up in a float32 cache."""
 
@@ -83,9 +73,9 @@ class RotaryEmbedding(nn.Module):
         # [max_position, head_dim]: cos in the first half, sin in the second.
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._op = kernel("rotary_embedding")
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, H, D]; k [T, Hkv, D] -> rotated (q, k)."""
-        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self._op(positions, q, k, self.cos_sin_cache)

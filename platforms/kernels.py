@@ -1,0 +1,165 @@
+"""Named kernel overrides: a vendor swaps one op (rms_norm, rotary, ...) without touching models.
+
+Rule: a model layer never calls an op directly; when it is built it looks the op up by name in
+the kernel table that is current (`use_kernels`), and keeps the function it got. A table is
+resolved once per engine for its platform: the torch reference of each name (priority 0),
+then every `KernelImpl` the platform and the plugins offer for that platform; the highest
+priority wins, and two providers at the same top priority are an error naming both. Nothing
+is looked up per step, and nothing global outlives the `with` block that built a model.
+
+The named ops and their signatures (every implementation must match the reference exactly
+in meaning; dtypes are the model's):
+
+* ``rms_norm(x [T, H], weight [H], eps) -> [T, H]``: normalise in float32, cast back to x's
+  dtype, then multiply by weight.
+* ``fused_add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)``.
+* ``rotary_embedding(positions [T], q [T, Hq, D], k [T, Hk, D], cos_sin_cache [P, D] float32)
+  -> (q, k)``: neox layout (first half / second half), cos in the cache's first half and sin
+  in its second; may rotate in place and return its inputs.
+* ``silu_and_mul(x [T, 2d]) -> [T, d]``: silu(first half) * second half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+# ---- torch references (priority 0, every platform) ----
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x + residual
+    return rms_norm(x, weight, eps), x
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, D // 2] float32 -> x rotated, in x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    # Written into one output buffer: no temporaries per term and no final cat.
+    out = torch.empty_like(x32)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out.to(x.dtype)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)  # in place on silu's fresh output: one buffer, not two
+
+
+REFERENCE: Mapping[str, Callable[..., Any]] = {
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    "rotary_embedding": rotary_embedding,
+    "silu_and_mul": silu_and_mul,
+}
+KERNEL_NAMES: tuple[str, ...] = tuple(REFERENCE)
+
+
+@dataclass(frozen=True)
+class KernelImpl:
+    """One implementation of a named op, offered by a platform or a plugin.
+
+    `platforms`: names of the platforms it runs on (None: any). `provider`: who offers it,
+    shown by `engine plugins` and in errors.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    priority: int
+    provider: str
+    platforms: Optional[frozenset[str]] = None
+
+    def __post_init__(self) -> None:
+        if self.name not in REFERENCE:
+            raise ValueError(
+                f"Kernel {self.name!r} from {self.provider} is not a known op; "
+                f"known ops: {', '.join(KERNEL_NAMES)}."
+            )
+        if self.priority <= 0:
+            raise ValueError(
+                f"Kernel {self.name!r} from {self.provider} has priority {self.priority}; "
+                "overrides need a priority above 0 (0 is the torch reference)."
+            )
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """The resolved op for every name on one platform, and who provided each."""
+
+    fns: Mapping[str, Callable[..., Any]]
+    providers: Mapping[str, str]
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        return self.fns[name]
+
+
+REFERENCE_TABLE = KernelTable(dict(REFERENCE), {name: "reference" for name in REFERENCE})
+
+
+def resolve_kernels(platform_name: str, impls: Iterable[KernelImpl]) -> KernelTable:
+    """Pick, for each op name, the highest-priority implementation usable on the platform."""
+    best: dict[str, KernelImpl] = {}
+    for impl in impls:
+        if impl.platforms is not None and platform_name not in impl.platforms:
+            continue
+        current = best.get(impl.name)
+        if current is not None and current.priority == impl.priority and current.fn is not impl.fn:
+            raise RuntimeError(
+                f"Kernel {impl.name!r} on platform {platform_name!r} is offered at priority "
+                f"{impl.priority} by both {current.provider} and {impl.provider}; one of them "
+                "must change its priority, or leave one plugin out of ENGINE_PLUGINS."
+            )
+        if current is None or impl.priority > current.priority:
+            best[impl.name] = impl
+    fns = dict(REFERENCE)
+    providers = {name: "reference" for name in REFERENCE}
+    for name, impl in best.items():
+        fns[name] = impl.fn
+        providers[name] = impl.provider
+    return KernelTable(fns, providers)
+
+
+_current: contextvars.ContextVar[KernelTable] = contextvars.ContextVar(
+    "engine_kernel_table", default=REFERENCE_TABLE
+)
+
+
+@contextlib.contextmanager
+def use_kernels(table: KernelTable) -> Iterator[KernelTable]:
+    """Make `table` current while models are built inside the block."""
+    token = _current.set(table)
+    try:
+        yield table
+    finally:
+        _current.reset(token)
+
+
+def kernel(name: str) -> Callable[..., Any]:
+    """The current table's implementation of `name` (call at layer construction)."""
+    return _current.get()[name]
