@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DType = Literal["auto", "float32", "bfloat16", "float16", "half", "float"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+ExecutorBackend = Literal["uniproc", "mp", "ray"]
 
 
 def parse_size(value: int | str | None) -> Optional[int]:
@@ -99,6 +100,21 @@ class EngineArgs(BaseModel):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     max_logprobs: int = Field(20, ge=0, description="Largest logprobs / prompt_logprobs k.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Devices each layer is split across (one process per device)."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Stages the layers are split into (not available yet: 1 only)."
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, description="Engine replicas behind one server (not available yet: 1 only)."
+    )
+    distributed_executor_backend: Optional[ExecutorBackend] = Field(
+        None,
+        description="How workers run: 'uniproc' (this process, one device), 'mp' (one "
+        "process per device on this host) or 'ray'; defaults to 'mp' when "
+        "tensor_parallel_size x pipeline_parallel_size > 1, else 'uniproc'.",
+    )
 
     @field_validator("max_model_len", "kv_cache_memory", mode="before")
     @classmethod
@@ -166,6 +182,21 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over devices; world size = tp x pp per engine (dp replicas are
+    separate engines, reserved in the rank layout)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str = "uniproc"  # resolved: never None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -174,3 +205,4 @@ class EngineConfig:
     seed: int
     enforce_eager: bool
     max_logprobs: int
+    parallel: ParallelConfig = ParallelConfig()
