@@ -16,13 +16,22 @@ from platforms.testing.attention import (
     AttentionCase,
     check_attention_against_reference,
 )
-from platforms.testing.device import check_device, check_memory_info
+from platforms.testing.communicator import check_communicator
+from platforms.testing.device import check_device, check_events, check_memory_info
+from platforms.testing.graph import DEFAULT_BATCHES, check_graph_runner, write_tiny_llama
+from platforms.testing.kernels import check_kernel_overrides
 
 __all__ = [
     "ATTENTION_CASES",
     "DEFAULT_REQUESTS",
     "AttentionCase",
     "check_attention_against_reference",
+    "DEFAULT_BATCHES",
+    "check_communicator",
     "check_device",
+    "check_events",
+    "check_graph_runner",
+    "check_kernel_overrides",
     "check_memory_info",
+    "write_tiny_llama",
 ]

@@ -38,3 +38,19 @@ def check_device(platform: Platform) -> None:
     platform.synchronize()
     if not torch.equal(draws[0], draws[1]):
         raise AssertionError("make_generator(seed) gave different numbers for the same seed")
+
+
+def check_events(platform: Platform) -> float:
+    """Two events around queued work: elapsed_ms is finite and non-negative; returns it."""
+    device = platform.device()
+    start, end = platform.create_event(), platform.create_event()
+    x = torch.randn(256, 256, device=device)
+    start.record()
+    for _ in range(4):
+        x = x @ x.T / 256
+    end.record()
+    end.synchronize()
+    elapsed = start.elapsed_ms(end)
+    if not 0.0 <= elapsed < 60_000:
+        raise AssertionError(f"create_event(): elapsed_ms gave {elapsed}; need 0 <= ms < 60000")
+    return elapsed

@@ -9,12 +9,18 @@ import torch
 
 from platforms.cpu.attention import CpuAttentionBackend
 from platforms.cpu.platform import CpuPlatform
-from platforms.interface import AttentionSpec, CommonAttentionMetadata
+from platforms.interface import AttentionSpec, CommonAttentionMetadata, GraphRunner
+from platforms.kernels import KernelImpl
 from platforms.testing import (
     ATTENTION_CASES,
     check_attention_against_reference,
+    check_communicator,
     check_device,
+    check_events,
+    check_graph_runner,
+    check_kernel_overrides,
     check_memory_info,
+    write_tiny_llama,
 )
 
 
@@ -75,3 +81,56 @@ def test_kit_fails_a_backend_that_ignores_block_tables():
 def test_kit_fails_impossible_memory_numbers():
     with pytest.raises(AssertionError, match="free=10, total=5"):
         check_memory_info(ShortMemoryPlatform())
+
+
+def test_cpu_events_time_queued_work():
+    assert check_events(CpuPlatform()) >= 0.0
+
+
+def test_cpu_graph_runner_equals_eager(tmp_path):
+    err = check_graph_runner(CpuPlatform(), write_tiny_llama(tmp_path / "tiny"))
+    assert err == 0.0  # the eager runner is the forward itself
+
+
+def test_cpu_communicator_collectives_across_two_processes():
+    check_communicator(CpuPlatform, world_size=2)
+
+
+def test_cpu_kernel_overrides_match_reference():
+    check_kernel_overrides(CpuPlatform())
+
+
+class OffByOneRunner(GraphRunner):
+    """Wrong on purpose: scales its output slightly, as a stale captured graph would."""
+
+    def __call__(self, input_ids, positions, attn_metadata):
+        out = self.forward(input_ids, positions, attn_metadata)
+        return out * 1.001
+
+
+class OffByOnePlatform(CpuPlatform):
+    name = "offbyone"
+
+    def graph_runner(self, forward, config):
+        return OffByOneRunner(forward, config)
+
+
+def _bad_norm(x, weight, eps):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))  # eps forgotten
+
+
+class BadKernelPlatform(CpuPlatform):
+    name = "badkernel"
+
+    def kernel_overrides(self):
+        return [KernelImpl("rms_norm", _bad_norm, priority=5, provider="test")]
+
+
+def test_kit_fails_a_runner_that_changes_results(tmp_path):
+    with pytest.raises(AssertionError, match="differs from eager"):
+        check_graph_runner(OffByOnePlatform(), write_tiny_llama(tmp_path / "tiny"))
+
+
+def test_kit_fails_a_kernel_that_drops_eps():
+    with pytest.raises(AssertionError, match="rms_norm"):
+        check_kernel_overrides(BadKernelPlatform())

@@ -1,0 +1,106 @@
+"""Conformance check for a platform's communicator: collectives give the right values across
+real processes.
+
+Rule: `world_size` processes are spawned, each joins a fresh `torch.distributed` group on
+127.0.0.1 with the platform's `distributed_backend`, wraps it with `platform.communicator`,
+and checks every collective against values it can compute alone. Failures come back to the
+parent as text; a hung collective is a timeout, not a hang.
+"""
+
+from __future__ import annotations
+
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.multiprocessing as mp
+
+from platforms.interface import Platform
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expect(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    got = got.detach().to("cpu", torch.float64)
+    if got.shape != want.shape or not torch.allclose(got, want.double(), atol=1e-5):
+        raise AssertionError(f"{name}: got {got.flatten()[:8].tolist()} shape {tuple(got.shape)},"
+                             f" want {want.flatten()[:8].tolist()} shape {tuple(want.shape)}")
+
+
+def _rank_main(rank: int, platform_cls: type[Platform], world: int, port: int,
+               results: mp.Queue) -> None:
+    import torch.distributed as dist
+
+    try:
+        platform = platform_cls()
+        device = platform.device(rank % platform.device_count())
+        platform.set_device(device)
+        dist.init_process_group(platform.distributed_backend, init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        comm = platform.communicator(dist.group.WORLD)
+        assert (comm.rank, comm.world_size) == (rank, world), (comm.rank, comm.world_size)
+
+        def mine(r: int) -> torch.Tensor:  # rank r's tensor, known to every rank
+            return torch.arange(2 * world * 3, dtype=torch.float32).reshape(2 * world, 3) + 100 * r
+
+        x = mine(rank).to(device)
+        total = sum(mine(r) for r in range(world))
+        _expect("all_reduce", comm.all_reduce(x), total)
+        _expect("all_gather", comm.all_gather(x, dim=0), torch.cat([mine(r) for r in range(world)]))
+        _expect("all_gather dim 1", comm.all_gather(x, dim=1),
+                torch.cat([mine(r) for r in range(world)], dim=1))
+        _expect("reduce_scatter", comm.reduce_scatter(x, dim=0), total.chunk(world)[rank])
+        b = comm.broadcast(mine(rank).to(device), src=world - 1)
+        _expect("broadcast", b, mine(world - 1))
+        _expect("all_to_all", comm.all_to_all(x),
+                torch.cat([mine(r).chunk(world)[rank] for r in range(world)]))
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        buf = torch.empty_like(x)
+        if rank % 2 == 0:
+            comm.send(x, nxt)
+            got = comm.recv(buf, prv)
+        else:
+            got = comm.recv(buf, prv)
+            comm.send(x, nxt)
+        _expect("send/recv", got, mine(prv))
+        comm.barrier()
+        comm.destroy()
+        dist.destroy_process_group()
+        results.put((rank, None))
+    except BaseException:  # report everything, the parent decides
+        results.put((rank, traceback.format_exc()))
+
+
+def check_communicator(platform_cls: type[Platform], world_size: int = 2,
+                       timeout_s: float = 120.0) -> None:
+    """Spawn `world_size` ranks of `platform_cls` and check every collective; raise
+    AssertionError with each failing rank's traceback. The class must be importable by name
+    (spawned processes import it)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, platform_cls, world_size, port, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    failures: dict[int, str] = {}
+    try:
+        for _ in range(world_size):
+            rank, error = results.get(timeout=timeout_s)
+            if error is not None:
+                failures[rank] = error
+    except Exception as exc:  # queue.Empty: some rank hung or died
+        failures[-1] = f"no answer from every rank within {timeout_s} s ({type(exc).__name__})"
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    if failures:
+        text = "\n".join(f"rank {r}:\n{e}" for r, e in sorted(failures.items()))
+        raise AssertionError(f"communicator of {platform_cls.__name__} failed:\n{text}")
