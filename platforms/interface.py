@@ -296,6 +296,9 @@ class Platform(abc.ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     supported_head_sizes: ClassVar[Optional[tuple[int, ...]]] = None  # None: any
     distributed_backend: ClassVar[str] = "gloo"  # torch.distributed backend for its groups
+    # True when `peak_memory_bytes` measures something: the model runner then runs one
+    # full-size profiling step before sizing the KV cache (see `kv_cache_bytes`).
+    measures_peak_memory: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
@@ -318,6 +321,27 @@ class Platform(abc.ABC):
 
     def synchronize(self) -> None:  # noqa: B027
         """Wait until queued device work is done (no-op for synchronous devices)."""
+
+    def reset_peak_memory(self) -> None:  # noqa: B027 (optional hook)
+        """Start a new peak-memory measurement (see `peak_memory_bytes`).
+
+        The model runner calls it right before its profiling step when
+        `measures_peak_memory` is True. Example (CUDA)::
+
+            def reset_peak_memory(self):
+                torch.cuda.reset_peak_memory_stats()
+        """
+
+    def peak_memory_bytes(self) -> int:
+        """Most device memory this process held since `reset_peak_memory` (weights,
+        activations, allocator caches, runtime overheads); 0 where nothing is measured.
+
+        Example (CUDA)::
+
+            def peak_memory_bytes(self):
+                return torch.cuda.max_memory_reserved()
+        """
+        return 0
 
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -345,7 +369,10 @@ class Platform(abc.ABC):
         return model_dtype if model_dtype in self.supported_dtypes else self.supported_dtypes[0]
 
     def kv_cache_bytes(self, config: EngineConfig, model_bytes: int) -> int:
-        """How many bytes the KV cache may take, given the measured free memory."""
+        """How many bytes the KV cache may take, given the measured free memory.
+
+        Called after the model is loaded and, where `measures_peak_memory`, right after the
+        profiling step, so `peak_memory_bytes()` holds the peak of a full-size step."""
         if config.cache.kv_cache_memory is not None:
             return config.cache.kv_cache_memory
         free, _ = self.memory_info()

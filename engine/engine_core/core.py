@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import time
 
+import torch
+
 from engine.config import EngineConfig
 from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
 from engine.executor.uniproc import UniprocExecutor
@@ -35,6 +37,18 @@ def resolve_for_platform(config: EngineConfig, platform) -> EngineConfig:
     return config
 
 
+def kv_cache_summary(config: EngineConfig, num_blocks: int) -> str:
+    """"KV cache: 12345 blocks (20.1 GiB); 24.1x concurrency at max_model_len 8192": GiB of
+    keys and values over all workers, concurrency = cached tokens / max_model_len."""
+    model, block_size = config.model, config.cache.block_size
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    block_bytes = 2 * block_size * model.num_layers * model.num_kv_heads * model.head_dim * itemsize
+    max_model_len = config.scheduler.max_model_len
+    return (f"KV cache: {num_blocks} blocks ({num_blocks * block_bytes / 2**30:.1f} GiB); "
+            f"{num_blocks * block_size / max_model_len:.1f}x concurrency at max_model_len "
+            f"{max_model_len}")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         timings: dict[str, float] = {}
@@ -57,13 +71,7 @@ class EngineCore:
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         self.startup_timings = timings
-        block_size = config.cache.block_size
-        max_concurrency = num_blocks * block_size / config.scheduler.max_model_len
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens); max concurrency at %d tokens per "
-            "request: %.1fx", num_blocks, block_size, num_blocks * block_size,
-            config.scheduler.max_model_len, max_concurrency,
-        )
+        logger.info("%s", kv_cache_summary(config, num_blocks))
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request.from_engine_core_request(request))

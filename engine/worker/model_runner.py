@@ -5,11 +5,13 @@ many tokens; the runner turns that into flat tensors (no padding to the longest 
 runs the model once over prefill chunks and decodes together, samples for the requests that
 reached the end of their known tokens, and appends those tokens to its own state.
 
-Startup is a checklist: load -> size the KV cache from memory -> bind caches -> warm up.
+Startup is a checklist: load, profile one full-size step, size the KV cache from the measured
+memory, bind caches, warm up (and capture).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import numpy as np
@@ -20,13 +22,15 @@ from engine.engine_core.messages import LogprobsEntry
 from engine.models.layers.attention import Attention
 from engine.models.loader import load_model
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.scheduler.output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.worker.input_batch import InputBatch, StepInputs
 from engine.worker.sampler import Sampler, logprobs_entries
 from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetadata
 from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
 from platforms.kernels import use_kernels
 from platforms.registry import kernel_table
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -72,6 +76,11 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
+        if cache.kv_cache_memory is None and self.platform.measures_peak_memory:
+            self.platform.reset_peak_memory()
+            self.profile_run()
+            logger.info("Profiling step: peak device memory %.2f GiB",
+                        self.platform.peak_memory_bytes() / 2**30)
         budget = self.platform.kv_cache_bytes(self.config, self.model_bytes)
         num_blocks = budget // self.bytes_per_block
         if num_blocks < 1:
@@ -80,6 +89,40 @@ class ModelRunner:
                 f"{self.bytes_per_block}); raise --kv-cache-memory or --gpu-memory-utilization."
             )
         return int(num_blocks)
+
+    def profile_run(self) -> None:
+        """One throw-away step as large as the scheduler may ever send: max_num_batched_tokens
+        prompt tokens spread over min(max_num_seqs, tokens) requests, each sampled, over a
+        temporary KV cache just big enough for them (unbound afterwards). The platform
+        measures its peak memory; the KV cache then gets what is left."""
+        sched = self.config.scheduler
+        num_reqs = min(sched.max_num_seqs, sched.max_num_batched_tokens)
+        base, extra = divmod(sched.max_num_batched_tokens, num_reqs)
+        lens = [min(base + (i < extra), sched.max_model_len) for i in range(num_reqs)]
+        block_size = self.config.cache.block_size
+        reqs, next_block = [], 0
+        for i, n in enumerate(lens):
+            num_req_blocks = -(-n // block_size)
+            reqs.append(NewRequestData(
+                req_id=f"__profile_{i}__", prompt_token_ids=[0] * n, output_token_ids=[],
+                sampling_params=SamplingParams(max_tokens=1),
+                block_ids=list(range(next_block, next_block + num_req_blocks)),
+                num_computed_tokens=0,
+            ))
+            next_block += num_req_blocks
+        self.initialize_kv_cache(next_block)
+        try:
+            self.execute_model(SchedulerOutput(reqs, [], {r.req_id: len(r.prompt_token_ids)
+                                                          for r in reqs}, sum(lens)))
+            self.platform.synchronize()
+        finally:
+            self.input_batch.update(SchedulerOutput(
+                [], [], {}, 0, finished_req_ids={r.req_id for r in reqs}))
+            assert self.model is not None
+            for layer in self.model.modules():
+                if isinstance(layer, Attention):
+                    layer.kv_cache = None
+            self.num_blocks = 0
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         assert self.model is not None
@@ -167,8 +210,6 @@ class ModelRunner:
         """Run one throw-away step so first-call costs (allocator, kernel selection, lazy
         init) are paid at startup, not by the first request. It writes block 0 only, whose
         contents are always overwritten before a request reads them."""
-        from engine.scheduler.output import NewRequestData
-
         req = NewRequestData(
             req_id="__warmup__",
             prompt_token_ids=[0] * num_tokens,
