@@ -1,7 +1,11 @@
-"""Sessions: `tests` (default suite), `slow` (long tests), `lint`, `demo`.
+"""Sessions: `tests` (default suite), `slow` (long tests), `lint`, `demo`, `wheels` (every
+distribution of the repo as a wheel in dist/wheels/), `gpu` (the CUDA plugin's tests; GPU
+tests run where a GPU is, the rest on CPU).
 
 Each session reuses the project's scripts so CI, the README and nox run the same commands.
 """
+
+import shutil
 
 import nox
 
@@ -38,3 +42,20 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     _install(session)
     session.run("python", "examples/quickstart.py")
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """engine and each plugins/*/ distribution, built with `pip wheel --no-deps`."""
+    session.install("setuptools>=77", "wheel", "packaging")
+    shutil.rmtree("dist/wheels", ignore_errors=True)  # one version of each distribution
+    session.run("python", "scripts/wheelhouse.py", "wheels", "dist/wheels")
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The CUDA plugin's tests (TORCH_SPEC names a CUDA build of torch on a GPU machine;
+    without internet use `bash scripts/gpu_check.sh WHEELHOUSE` instead)."""
+    _install(session)
+    session.install("-e", "plugins/cuda")
+    session.run("pytest", "-q", "plugins/cuda/tests", *session.posargs)
