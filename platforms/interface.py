@@ -13,6 +13,7 @@ The concerns, each a small group of methods below:
   `seed_everything`, `make_generator`, `create_event`, `allocate_kv_cache`;
 * attention: `attention_backend(spec) -> AttentionBackend` (cache layout, metadata, forward);
 * capture: `graph_runner(forward, config) -> GraphRunner` (eager, graphs, XLA, static shapes);
+* scheduling: `scheduling_constraints(config)` (optional: the step shapes it can run);
 * collectives: `distributed_backend`, `communicator(group) -> Communicator`;
 * kernels: `kernel_overrides() -> list[KernelImpl]` (named ops, see `platforms.kernels`);
 * config: `resolve_dtype`, `kv_cache_bytes`, `validate(config) -> list[str]` (never mutates).
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from engine.config import EngineConfig
     from platforms.kernels import KernelImpl
+    from platforms.scheduling import StaticBatching
 
 # Bumped whenever a method below changes meaning or signature. A plugin states the version
 # it was written for in `Platform.api_version`; a mismatch is a clear error at selection.
@@ -41,6 +43,8 @@ PLATFORM_API_VERSION = 2
 #   1  first cut: device/memory, attention backend, compile_model.
 #   2  graph_runner replaces compile_model; communicator, kernel_overrides, create_event,
 #      supported_head_sizes and distributed_backend added.
+#   Optional additions within 2 (defaults keep older plugins working): scheduling_constraints
+#   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes.
 
 
 @dataclass(frozen=True)
@@ -405,6 +409,20 @@ class Platform(abc.ABC):
     def graph_runner(self, forward: ModelForward, config: EngineConfig) -> GraphRunner:
         """How the model forward is compiled/captured and replayed (base: eager)."""
         return GraphRunner(forward, config)
+
+    def scheduling_constraints(self, config: EngineConfig) -> Optional[StaticBatching]:
+        """Which steps this platform can run, for the scheduler (optional; None: any step).
+
+        A platform that runs only shapes it compiled at warm-up returns them, and the
+        scheduler then forms only steps that fit one (see `platforms.scheduling`); its graph
+        runner pads each step to a captured shape. Example::
+
+            def scheduling_constraints(self, config):
+                return StaticBatching((StaticShape(batch_size=4, prompt_len=64,
+                                                   new_tokens=20),),
+                                      how_to_change="set MY_WARMUP_SHAPES")
+        """
+        return None
 
     def communicator(self, group: torch.distributed.ProcessGroup) -> Communicator:
         """Collectives over `group`, a torch.distributed group created with

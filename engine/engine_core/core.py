@@ -69,7 +69,8 @@ class EngineCore:
         timings["warmup"] = time.perf_counter() - t2
 
         self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
+                                   self.platform.scheduling_constraints(config))
         self.startup_timings = timings
         logger.info("%s", kv_cache_summary(config, num_blocks))
 

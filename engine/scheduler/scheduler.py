@@ -28,6 +28,7 @@ from engine.scheduler.output import (
 from engine.scheduler.policy import create_waiting_queue
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.stop import check_stop
+from platforms.scheduling import StaticBatching
 
 
 @dataclass
@@ -43,9 +44,12 @@ class _Step:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int
+        self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+        constraints: Optional[StaticBatching] = None,
     ) -> None:
         self.config = config
+        # The platform's shape limits (None: any step the budget allows).
+        self.constraints = constraints
         self.block_size = cache_config.block_size
         self.kv_cache = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -80,6 +84,8 @@ class Scheduler:
                 f"blocks but only {self.kv_cache.num_blocks} exist; raise --num-kv-blocks or "
                 "--kv-cache-memory."
             )
+        if self.constraints is not None:
+            self._check_static_fit(request)
         budget = self.config.max_num_batched_tokens
         if not self.config.enable_chunked_prefill and request.num_tokens > budget:
             raise ValueError(
@@ -132,7 +138,10 @@ class Scheduler:
         step = _Step(budget=self.config.max_num_batched_tokens)
         self._schedule_running(step)
         # After a preemption blocks are short: admitting more would only preempt again.
-        if not step.preempted:
+        if self.constraints is not None:
+            if not self.running:  # static batches: the next one forms when this one is done
+                self._schedule_static_batch(step, self.constraints)
+        elif not step.preempted:
             self._schedule_waiting(step)
         cached_reqs = [
             CachedRequestData(r.request_id, step.new_block_ids[r.request_id],
@@ -244,6 +253,61 @@ class Scheduler:
         )
         step.num_scheduled[request.request_id] = num_new
         step.budget -= num_new
+
+    # ---- static batching (platforms that run only warmed-up shapes) ---------------------
+
+    def _max_new_tokens(self, request: Request) -> int:
+        max_tokens = request.sampling_params.max_tokens
+        limit = self.config.max_model_len - request.num_prompt_tokens
+        return limit if max_tokens is None else min(max_tokens, limit)
+
+    def _static_blocks_needed(self, request: Request) -> int:
+        return -(-(request.num_prompt_tokens + self._max_new_tokens(request)) // self.block_size)
+
+    def _check_static_fit(self, request: Request) -> None:
+        assert self.constraints is not None
+        prompt_len, max_new = request.num_prompt_tokens, self._max_new_tokens(request)
+        if self.constraints.shape_for(prompt_len, max_new) is None:
+            raise ValueError(self.constraints.unfit_message(request.request_id, prompt_len,
+                                                            max_new))
+        budget = self.config.max_num_batched_tokens
+        if prompt_len > budget:
+            raise ValueError(
+                f"Prompt of request {request.request_id!r} has {prompt_len} tokens, more than "
+                f"max_num_batched_tokens={budget}, and this platform prefills prompts whole; "
+                "raise --max-num-batched-tokens."
+            )
+        needed = self._static_blocks_needed(request)
+        if needed > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"Request {request.request_id!r} may grow to {needed} KV-cache blocks (prompt "
+                f"+ max_tokens) but only {self.kv_cache.num_blocks} exist; lower max_tokens, "
+                "or raise --num-kv-blocks or --kv-cache-memory."
+            )
+
+    def _schedule_static_batch(self, step: _Step, constraints: StaticBatching) -> None:
+        """Admit the next batch: whole prompts from position 0, in one warmed-up shape, with
+        blocks for every member's longest sequence free before it joins."""
+        if not self.waiting:
+            return
+        head = self.waiting.peek()
+        shape = constraints.shape_for(head.num_tokens, self._max_new_tokens(head))
+        if shape is None:  # grew past every shape through its outputs: it cannot resume
+            self._finish_unfittable(self.waiting.pop())
+            return
+        free_blocks = self.kv_cache.num_free_blocks
+        batch_limit = min(shape.batch_size, self.config.max_num_seqs)
+        while self.waiting and len(self.running) < batch_limit:
+            request = self.waiting.peek()
+            needed = self._static_blocks_needed(request)
+            if (not shape.fits(request.num_tokens, self._max_new_tokens(request))
+                    or request.num_tokens > step.budget or needed > free_blocks):
+                return  # no skipping ahead of the head of the queue
+            if self.kv_cache.allocate_slots(request, request.num_tokens) is None:
+                return
+            free_blocks -= needed
+            self.waiting.pop()
+            self._admit(request, 0, request.num_tokens, step)
 
     def _finish_unfittable(self, request: Request) -> None:
         """A request that does not fit even with every block free (it grew past the cache
