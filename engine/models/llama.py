@@ -18,7 +18,12 @@ from torch import nn
 from engine.models.layers.activation import SiluAndMul
 from engine.models.layers.attention import Attention
 from engine.models.layers.layernorm import RMSNorm
-from engine.models.layers.linear import Embedding, Linear, MergedLinear
+from engine.models.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from engine.models.layers.rotary import RotaryEmbedding, rope_settings
 from platforms.interface import AttentionBackend
 
@@ -56,13 +61,16 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions,
                  rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size],
-                                     bias=opts.qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=opts.o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads,
+                                          num_kv_heads, bias=opts.qkv_bias)
+        # This rank's heads (all of them with one rank).
+        self.num_heads = self.qkv_proj.heads.num_heads
+        self.num_kv_heads = self.qkv_proj.heads.num_kv_heads
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
+                                        bias=opts.o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache
@@ -86,8 +94,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size],
+                                                       bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +127,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         theta, rope_params = rope_settings(config)
         rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
                                      theta, rope_params)
@@ -145,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attn_backend, self.decoder_options(config))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head: Optional[Linear] = (
-            None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head: Optional[VocabParallelEmbedding] = (
+            None if self.tie_word_embeddings
+            else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         )
 
     @classmethod
@@ -158,8 +168,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, attn_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden_states, weight).float()
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.logits(hidden_states).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy (HF name, tensor) pairs in; a merged parameter counts as loaded only once
@@ -202,6 +212,13 @@ def _our_name(hf_name: str) -> tuple[str, Optional[int]]:
 
 
 def _copy_checked(param: nn.Parameter, tensor: torch.Tensor, hf_name: str) -> None:
+    load_full = getattr(param, "load_full", None)
+    if load_full is not None:  # a split layer: it copies this rank's slice
+        try:
+            load_full(tensor)
+        except ValueError as e:
+            raise ValueError(f"Checkpoint tensor {hf_name!r}: {e}") from None
+        return
     if tuple(tensor.shape) != tuple(param.shape):
         raise ValueError(
             f"Checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model "

@@ -1,66 +1,231 @@
-"""Linear layers whose weights arrive by HF name, possibly as several shards of one matmul.
+"""Linear and embedding layers, split over tensor-parallel ranks, whose weights arrive by HF
+name as full tensors.
 
-Rule: parameters are allocated uninitialised (`torch.empty`): a loader always fills them,
-so random init would only cost startup time. A merged layer (q/k/v or gate/up) is one
-matmul over concatenated output rows; `load_shard` copies one HF tensor into its rows.
+Rule: parameters are allocated uninitialised (`torch.empty`) at this rank's size: a loader
+always fills them. Every parameter has a `load_full(tensor)` that takes the FULL HF tensor
+and copies this rank's slice (`narrow`), so no rank ever keeps a full weight. A merged layer
+(q/k/v or gate/up) is one matmul over this rank's slice of EACH projection, stacked; its
+`load_shard(param, tensor, shard)` takes one full HF projection. The rank and size come
+from the current `ParallelContext` at construction; with one rank every layer is a plain
+linear and no collective runs.
+
+Column-parallel: output rows split, no communication. Row-parallel: input columns split,
+partial sums added with the communicator's all_reduce (bias once, after it). Vocabulary-
+parallel: rows of the table split (padded to equal parts); lookups are masked and summed
+over ranks; logits are gathered to every rank (so every rank samples the same tokens).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import parallel_context
+from engine.distributed.sharding import split_heads
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _set_loader(param: nn.Parameter, full_shape: tuple[int, ...],
+                load_full: Callable[[torch.Tensor], None]) -> None:
+    """Attach the full (unsplit) shape and the loader that copies this rank's slice."""
+    param.full_shape = full_shape  # type: ignore[attr-defined]
+    param.load_full = load_full  # type: ignore[attr-defined]
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
+    if tuple(source.shape) != tuple(target.shape):
+        raise ValueError(
+            f"{what} has shape {tuple(source.shape)} (this rank's slice), expected "
+            f"{tuple(target.shape)}; the checkpoint does not match the config."
+        )
+    target.copy_(source)
+
+
+def _check_full(tensor: torch.Tensor, full_shape: tuple[int, ...], what: str) -> None:
+    if tuple(tensor.shape) != tuple(full_shape):
+        raise ValueError(f"{what} has shape {tuple(tensor.shape)}, the model expects "
+                         f"{tuple(full_shape)}; the checkpoint does not match the config.")
+
 
 class Linear(nn.Module):
-    """y = x @ W.T (+ b), W: [out_features, in_features]."""
+    """y = x @ W.T (+ b), W: [out_features, in_features], replicated on every rank."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias: Optional[nn.Parameter] = (
-            nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        )
+        self.weight = _param(out_features, in_features)
+        self.bias: Optional[nn.Parameter] = _param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-class MergedLinear(Linear):
-    """Several projections of the same input stacked along the output rows."""
+class ColumnParallelLinear(Linear):
+    """Output rows split over ranks: y_local = x @ W[rows of this rank].T; no collective."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        ctx = parallel_context()
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        if out_features % self.tp_size:
+            raise ValueError(f"{out_features} output features do not split over "
+                             f"{self.tp_size} ranks; change --tensor-parallel-size.")
+        super().__init__(in_features, out_features // self.tp_size, bias)
+        self.full_out_features = out_features
+        for param in self._params():
+            _set_loader(param, (out_features, *param.shape[1:]),
+                        lambda t, p=param: self._load_rows(p, t))
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def _load_rows(self, param: nn.Parameter, tensor: torch.Tensor) -> None:
+        _check_full(tensor, param.full_shape, "A column-parallel weight")  # type: ignore[attr-defined]
+        size = param.shape[0]
+        _copy(param.data, tensor.narrow(0, self.tp_rank * size, size), "A column slice")
+
+
+class MergedColumnParallelLinear(Linear):
+    """Several projections of one input, each split over ranks; this rank stacks its slice of
+    each: rows [p0 slice | p1 slice | ...]."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(output_sizes), bias)
-        self.output_sizes = list(output_sizes)
-        self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+        ctx = parallel_context()
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        local = self._local_sizes(output_sizes)
+        super().__init__(in_features, sum(local), bias)
+        self.full_output_sizes = list(output_sizes)
+        self.output_sizes = local
+        self.offsets = [sum(local[:i]) for i in range(len(local))]
+        for param in (self.weight, self.bias):
+            if param is not None:
+                _set_loader(param, (sum(output_sizes), *param.shape[1:]),
+                            lambda t, p=param: self._load_merged(p, t))
+
+    def _local_sizes(self, output_sizes: list[int]) -> list[int]:
+        if any(size % self.tp_size for size in output_sizes):
+            raise ValueError(f"Projections of sizes {output_sizes} do not split over "
+                             f"{self.tp_size} ranks; change --tensor-parallel-size.")
+        return [size // self.tp_size for size in output_sizes]
+
+    def _source_rows(self, shard: int) -> int:
+        """First row, in the full HF projection `shard`, of this rank's slice."""
+        return self.tp_rank * self.output_sizes[shard]
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int) -> None:
-        """Copy HF tensor `tensor` (weight or bias of projection `shard`) into its rows."""
-        start, size = self.offsets[shard], self.output_sizes[shard]
-        target = param.data.narrow(0, start, size)
-        if tensor.shape != target.shape:
+        """Copy this rank's slice of full HF projection `shard` (weight or bias) into its rows."""
+        full = self.full_output_sizes[shard]
+        if tensor.shape[0] != full:
             raise ValueError(
                 f"Shard {shard} of a merged projection has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(target.shape)}; the checkpoint does not match the config."
+                f"expected {full} rows; the checkpoint does not match the config."
             )
-        target.copy_(tensor)
+        size = self.output_sizes[shard]
+        target = param.data.narrow(0, self.offsets[shard], size)
+        _copy(target, tensor.narrow(0, self._source_rows(shard), size), f"Shard {shard}")
+
+    def _load_merged(self, param: nn.Parameter, tensor: torch.Tensor) -> None:
+        """The full stacked tensor (dummy weights): split by projection, then by rank."""
+        _check_full(tensor, param.full_shape, "A merged weight")  # type: ignore[attr-defined]
+        for shard, part in enumerate(tensor.split(self.full_output_sizes, dim=0)):
+            self.load_shard(param, part, shard)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """[..., sum(output_sizes)] -> one view per projection."""
+        """[..., sum(output_sizes)] -> one view per projection (this rank's slices)."""
         return y.split(self.output_sizes, dim=-1)
 
 
-class Embedding(nn.Module):
-    """Token embedding table [vocab, hidden]; also the tied LM head's weight."""
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k, v stacked; query heads split over ranks, KV heads split or, when there are fewer
+    KV heads than ranks, the one KV head this rank's query heads read is replicated here."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False) -> None:
+        ctx = parallel_context()
+        self.heads = split_heads(num_heads, num_kv_heads, ctx.tp_rank, ctx.tp_size)
+        self.head_dim = head_dim
+        kv = num_kv_heads * head_dim
+        super().__init__(hidden_size, [num_heads * head_dim, kv, kv], bias)
+
+    def _local_sizes(self, output_sizes: list[int]) -> list[int]:
+        q = self.heads.num_heads * self.head_dim
+        kv = self.heads.num_kv_heads * self.head_dim
+        return [q, kv, kv]
+
+    def _source_rows(self, shard: int) -> int:
+        if shard == 0:
+            return self.tp_rank * self.output_sizes[0]
+        return self.heads.kv_head_start * self.head_dim
+
+
+class RowParallelLinear(Linear):
+    """Input columns split over ranks (the input arrives split, from a column-parallel layer);
+    partial products summed over ranks with all_reduce, then the (replicated) bias added."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        ctx = parallel_context()
+        self.tp_rank, self.tp_size, self.comm = ctx.tp_rank, ctx.tp_size, ctx.tp_comm
+        if in_features % self.tp_size:
+            raise ValueError(f"{in_features} input features do not split over "
+                             f"{self.tp_size} ranks; change --tensor-parallel-size.")
+        super().__init__(in_features // self.tp_size, out_features, bias)
+        _set_loader(self.weight, (out_features, in_features), self._load_columns)
+        if self.bias is not None:
+            _set_loader(self.bias, (out_features,),
+                        lambda t: _copy(self.bias.data, t, "A row-parallel bias"))
+
+    def _load_columns(self, tensor: torch.Tensor) -> None:
+        _check_full(tensor, self.weight.full_shape, "A row-parallel weight")  # type: ignore[attr-defined]
+        size = self.weight.shape[1]
+        _copy(self.weight.data, tensor.narrow(1, self.tp_rank * size, size), "A row slice")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.comm is not None and self.tp_size > 1:
+            y = self.comm.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token table [vocab, hidden], rows split over ranks in equal parts (the last padded
+    with zero rows). Also the LM head (tied or not): `logits` gathers every rank's columns."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim),
-                                   requires_grad=False)
+        ctx = parallel_context()
+        self.tp_rank, self.tp_size, self.comm = ctx.tp_rank, ctx.tp_size, ctx.tp_comm
+        self.num_embeddings = num_embeddings
+        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.vocab_start = self.tp_rank * self.rows_per_rank
+        self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)
+        self.weight = _param(self.rows_per_rank, embedding_dim)
+        _set_loader(self.weight, (num_embeddings, embedding_dim), self._load_rows)
+
+    def _load_rows(self, tensor: torch.Tensor) -> None:
+        _check_full(tensor, self.weight.full_shape, "An embedding table")  # type: ignore[attr-defined]
+        count = max(self.vocab_end - self.vocab_start, 0)
+        self.weight.data[count:].zero_()  # padding rows: zero logits, sliced off anyway
+        _copy(self.weight.data[:count], tensor.narrow(0, self.vocab_start, count),
+              "An embedding slice")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        local_ids = torch.where(mine, input_ids - self.vocab_start, 0)
+        out = F.embedding(local_ids, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.comm.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] on every rank (this rank's columns gathered)."""
+        local = F.linear(hidden, self.weight)
+        if self.tp_size == 1:
+            return local
+        return self.comm.all_gather(local, dim=-1)[..., : self.num_embeddings]

@@ -51,10 +51,16 @@ def safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def fill_dummy(model: nn.Module, seed: int) -> None:
     """Seeded random weights from the config alone: reproducible across runs and devices
-    (drawn on the host in float32, then copied)."""
+    (drawn on the host in float32, then copied). A tensor-parallel parameter draws its FULL
+    tensor and keeps its slice, so every tensor-parallel size gives the same model."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        values = torch.randn(param.shape, generator=gen) * _DUMMY_STD
+        full_shape = getattr(param, "full_shape", param.shape)
+        values = torch.randn(full_shape, generator=gen) * _DUMMY_STD
         if name.endswith("norm.weight"):
             values += 1.0
-        param.data.copy_(values)
+        load_full = getattr(param, "load_full", None)
+        if load_full is not None:
+            load_full(values)
+        else:
+            param.data.copy_(values)
