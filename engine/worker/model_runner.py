@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed import SINGLE, ParallelContext, use_parallel
+from engine.distributed.sharding import split_heads
 from engine.engine_core.messages import LogprobsEntry
 from engine.models.layers.attention import Attention
 from engine.models.loader import load_model
@@ -34,16 +36,20 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+    def __init__(self, config: EngineConfig, platform: Platform,
+                 parallel: ParallelContext = SINGLE, local_rank: int = 0) -> None:
         self.config = config
         self.platform = platform
-        self.device = platform.device()
+        self.parallel = parallel  # this rank's place; layers read it when built
+        self.device = platform.device(local_rank)
         model_config = config.model
         self.dtype = model_config.dtype
         hf = model_config.hf_config
+        heads = split_heads(hf.num_attention_heads, model_config.num_kv_heads,
+                            parallel.tp_rank, parallel.tp_size)
         self.attn_spec = AttentionSpec(
-            num_heads=hf.num_attention_heads,
-            num_kv_heads=model_config.num_kv_heads,
+            num_heads=heads.num_heads,  # this rank's heads: its KV cache holds only these
+            num_kv_heads=heads.num_kv_heads,
             head_size=model_config.head_dim,
             dtype=self.dtype,
             block_size=config.cache.block_size,
@@ -57,7 +63,7 @@ class ModelRunner:
     # ---- startup ----
     def load_model(self) -> None:
         self.kernels = kernel_table(self.platform)
-        with use_kernels(self.kernels):
+        with use_kernels(self.kernels), use_parallel(self.parallel):
             self.model = load_model(self.config.model, self.attn_backend, self.device, self.dtype)
         self.forward = self.platform.graph_runner(self.model.forward, self.config)
 
