@@ -6,6 +6,7 @@ Rule: TRITON_INTERPRET must be set before anything imports triton, so it is set 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -21,10 +22,8 @@ def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter turns a scalar tensor into a python int with int() on a
     1-element array, which numpy >= 2.4 refuses: `range(tensor_lo, tensor_hi)` in a kernel
     then fails on CPU only. Convert through the array's single element instead."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # no triton: the tests skip
-        return
+    from triton.runtime import interpreter
+
     original = interpreter._patch_lang_tensor
 
     def patch(tensor, scope):
@@ -34,24 +33,27 @@ def _fix_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patch
 
 
-def _fix_interpreter_bf16_dot() -> None:
+def _fix_interpreter_dot() -> None:
     """Triton 3.6's interpreter keeps bfloat16 as raw uint16 bits and multiplies those bits
-    in `tl.dot`. Widen bfloat16 operands to float32 first (exact), as the GPU's MMA does."""
+    in `tl.dot`, and its numpy matmul with a forced dtype skips BLAS (slow). Widen 16-bit
+    floats to float32 (exact, as the GPU's MMA does) and multiply with torch."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        bits = handle.data.view(np.uint16).astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+    def as_float32(handle) -> torch.Tensor:
+        data = handle.data
+        if handle.dtype.scalar == tl.bfloat16:
+            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+        if not (a.dtype.scalar.is_floating() and d.dtype.scalar == tl.float32):
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        product = torch.matmul(as_float32(a), as_float32(b)).numpy()
+        return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
 
+    original_dot = interpreter.InterpreterBuilder.create_dot
     interpreter.InterpreterBuilder.create_dot = create_dot
 
     # Its float32 -> bfloat16 casts truncate; the GPU (and torch) round to nearest even.
@@ -67,6 +69,6 @@ def _fix_interpreter_bf16_dot() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
     _fix_interpreter_index()
-    _fix_interpreter_bf16_dot()
+    _fix_interpreter_dot()

@@ -1,0 +1,179 @@
+"""Triton paged attention and KV-cache writes against float64 references (CPU: interpreter).
+
+Covers what the conformance kit does not: split-K decode, padding rows, seq_len-0 requests,
+several query tiles per request, odd GQA groups, cache blocks larger/smaller than a key tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine_cuda.ops.attention import (  # noqa: E402
+    choose_num_splits,
+    paged_attention,
+    prefill_config,
+    small_query_config,
+)
+from engine_cuda.ops.kv_cache import write_kv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _batch(requests, num_heads, num_kv_heads, head_size, block_size, dtype, *, pad_rows=0,
+           seed=0):
+    """Random paged cache and queries for [(context_len, q_len)]; blocks shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + n for c, n in requests]
+    blocks = [max(1, math.ceil(s / block_size)) for s in seq_lens]
+    num_blocks = sum(blocks) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(requests), max(blocks) + 2, dtype=torch.int32)
+    pos = 0
+    for i, b in enumerate(blocks):
+        table[i, :b] = perm[pos:pos + b]
+        pos += b
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_size, generator=gen,
+                        dtype=torch.float64)
+    num_tokens = sum(n for _, n in requests)
+    q = torch.randn(num_tokens + pad_rows, num_heads, head_size, generator=gen,
+                    dtype=torch.float64)
+    qsl = torch.zeros(len(requests) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor([n for _, n in requests]), 0)
+    return dict(q=q, cache=cache, table=table, qsl=qsl,
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32))
+
+
+def _reference(b, scale):
+    """float64 causal attention per request, through the block table."""
+    q, cache, table = b["q"], b["cache"], b["table"]
+    block_size = cache.shape[2]
+    group = q.shape[1] // cache.shape[3]
+    out = torch.zeros_like(q)
+    qsl, seq_lens = b["qsl"].tolist(), b["seq_lens"].tolist()
+    for i, seq_len in enumerate(seq_lens):
+        start, end = qsl[i], qsl[i + 1]
+        if seq_len == 0:
+            continue
+        pos = torch.arange(seq_len)
+        slots = table[i, pos // block_size].long(), pos % block_size
+        k = cache[0][slots].repeat_interleave(group, 1)  # [S, H, D]
+        v = cache[1][slots].repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,shd->hqs", q[start:end], k) * scale
+        q_pos = torch.arange(seq_len - (end - start), seq_len)[:, None]
+        scores = scores.masked_fill(pos[None, :] > q_pos, float("-inf"))
+        out[start:end] = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def _run(b, dtype, *, max_query_len=None, num_splits=None, num_sms=132, sentinel=7.0):
+    q = b["q"].to(DEVICE, dtype)
+    cache = b["cache"].to(DEVICE, dtype)
+    out = torch.full_like(q, sentinel)
+    q_lens = (b["qsl"][1:] - b["qsl"][:-1]).tolist()
+    paged_attention(
+        q, cache, out, b["qsl"].to(DEVICE), b["seq_lens"].to(DEVICE), b["table"].to(DEVICE),
+        q.shape[-1] ** -0.5, max_query_len or max(q_lens), int(b["seq_lens"].max()),
+        num_splits=num_splits, num_sms=num_sms,
+    )
+    return out.cpu().double()
+
+
+def _assert_close(got, b, dtype):
+    expected = _reference(b, b["q"].shape[-1] ** -0.5)
+    end = int(b["qsl"][-1])
+    err = float((got[:end] - expected[:end]).abs().max())
+    assert err <= TOL[dtype], f"max abs error {err:.3g} > {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 5])
+def test_split_decode_matches_reference(num_splits):
+    # Contexts of several key tiles, one shorter than the split count's slices.
+    b = _batch([(300, 1), (130, 1), (7, 1)], 8, 2, 64, 16, torch.float32)
+    _assert_close(_run(b, torch.float32, num_splits=num_splits), b, torch.float32)
+
+
+def test_split_heuristic_fills_the_sms_only_when_needed():
+    assert choose_num_splits(1, 8, 4096, num_sms=132) == 16  # batch 1, 4k: one wave
+    assert choose_num_splits(1, 8, 1024, num_sms=132) == 8  # capped by slice length
+    assert choose_num_splits(64, 8, 4096, num_sms=132) == 1  # enough programs already
+    assert choose_num_splits(2, 8, 100, num_sms=132) == 1  # context too short to split
+    assert choose_num_splits(1, 1, 1 << 20, num_sms=132) == 32  # capped
+
+
+def test_heuristic_split_runs_on_a_small_gpu():
+    # num_sms 16 with 1 request x 2 KV heads -> 8 programs wanted, capped by 520 // 128 = 4.
+    b = _batch([(520, 1)], 4, 2, 32, 16, torch.float32, seed=3)
+    assert choose_num_splits(1, 2, 521, num_sms=16) == 4
+    _assert_close(_run(b, torch.float32, num_sms=16), b, torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_padding_rows_untouched_and_seq_len_zero_writes_zeros(num_splits):
+    # A captured decode batch: two real requests, one padded request (q_len 1, seq_len 0),
+    # and 3 padding rows after the last request that hold NaN and must stay as they were.
+    b = _batch([(40, 1), (0, 1), (200, 1)], 4, 1, 64, 16, torch.float32, pad_rows=3)
+    b["seq_lens"][1] = 0
+    b["q"][3:] = float("nan")
+    got = _run(b, torch.float32, num_splits=num_splits)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert torch.equal(got[3:], torch.full_like(got[3:], 7.0))
+    _assert_close(got, b, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mixed_batch_many_tiles_and_requests(dtype):
+    # G=4 -> prefill tiles of 32 query tokens: the 70-token chunk spans 3 tiles; 9 requests
+    # exercise the tile -> request search; rows of padding follow.
+    requests = [(0, 70), (33, 1), (5, 40), (0, 1), (64, 32), (90, 1), (0, 3), (17, 33), (2, 1)]
+    b = _batch(requests, 8, 2, 64, 16, dtype, pad_rows=5, seed=1)
+    got = _run(b, dtype)
+    assert torch.equal(got[-5:], torch.full_like(got[-5:], 7.0))
+    _assert_close(got, b, dtype)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"), [
+    (6, 2, 32, 128),  # group of 3 (padded to 4), cache blocks larger than a key tile
+    (4, 4, 256, 8),  # head size 256, small blocks
+    (2, 1, 16, 16),  # smallest head size
+])
+def test_shapes(heads, kv_heads, head_size, block_size):
+    b = _batch([(150, 20), (37, 1), (0, 9)], heads, kv_heads, head_size, block_size,
+               torch.float32, seed=2)
+    _assert_close(_run(b, torch.float32), b, torch.float32)
+
+
+def test_small_query_batches_use_one_tile_per_request():
+    # Speculative-style q_len 4 with group 4 fits the 16-row decode tile, and may split.
+    assert small_query_config(4, 128).block_q == 4
+    assert prefill_config(4, 128).block_m == 128
+    b = _batch([(300, 4), (50, 2)], 8, 2, 64, 16, torch.float32, seed=4)
+    _assert_close(_run(b, torch.float32, num_splits=2), b, torch.float32)
+
+
+def test_rejects_unsupported_head_size():
+    b = _batch([(3, 1)], 2, 1, 48, 16, torch.float32)
+    with pytest.raises(ValueError, match="head_size 48"):
+        _run(b, torch.float32)
+
+
+def test_write_kv_scatters_and_skips_negative_slots():
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(2, 6, 4, 3, 32, generator=gen).to(DEVICE)
+    before = cache.clone()
+    # key/value as strided views of a fused qkv projection, with 2 rows of padding.
+    qkv = torch.randn(7, 3 * 3 * 32, generator=gen).to(DEVICE)
+    key = qkv[:, 96:192].view(7, 3, 32)
+    value = qkv[:, 192:].view(7, 3, 32)
+    slots = torch.tensor([5, 0, -1, 23, 9], dtype=torch.int64, device=DEVICE)
+    write_kv(key, value, cache, slots)
+    expected = before.view(2, 24, 3, 32).clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected[0, slot], expected[1, slot] = key[t], value[t]
+    assert torch.equal(cache.view(2, 24, 3, 32), expected)
