@@ -1,0 +1,463 @@
+"""CUDA graphs for the model forward: full graphs for decode batches, piecewise graphs around
+attention for small mixed batches, eager for everything larger.
+
+Rule: a replay reads only static buffers. Every step copies its real inputs (and, for decode
+graphs, its attention metadata) into buffers captured once, pads the batch to the next
+captured size with rows that change nothing (token 0, seq_len 0, slot -1), and returns rows
+for the real tokens only; the core never sees padding.
+
+* Pure-decode batches (every request has one new token, `max_query_len == 1`) of up to
+  `DECODE_MAX_BATCH` requests replay one graph holding the whole forward, attention included.
+  The Triton attention launch grid then has to be the same at every replay: the captured
+  metadata says `max_seq_len = max_model_len` (so the split-K count is fixed per size), the
+  block table is padded to [size, blocks for max_model_len], and padded requests have
+  seq_len 0 and slot -1, which the kernels skip.
+* Mixed batches of up to `PIECEWISE_MAX_TOKENS` tokens replay the forward as pieces: the
+  stretches between two attention calls are graphs, attention runs eagerly between them on
+  the real tokens with the step's own metadata (its grid depends on the mix of prefill and
+  decode, so it cannot be captured once). The split is made at capture time by the runner's
+  `_SplittingBackend`, which stands in for the platform's attention backend in the model's
+  attention layers: called while a capture is open, it copies q/k/v into static buffers,
+  ends the current graph, records the call, and begins the next graph.
+* All graphs share one memory pool; sizes are captured largest first.
+
+Buffers shared between pieces rely on one property of the models: an attention output is
+read before the next attention call (by the output projection), so one q/k/v/out buffer per
+shape serves every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from platforms.interface import (
+    AttentionBackend,
+    CommonAttentionMetadata,
+    DummyBatchFactory,
+    GraphRunner,
+    ModelForward,
+)
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# Largest decode batch (requests) captured as one full graph, and largest mixed batch
+# (tokens) captured piecewise. Above them the forward is matmul-bound and runs eagerly.
+DECODE_MAX_BATCH = 512
+PIECEWISE_MAX_TOKENS = 512
+# Captured sizes up to a limit: dense where padding would cost most, sparser above.
+_SIZE_STEPS = ((8, None), (32, 8), (64, 16), (256, 32), (1 << 30, 64))
+
+
+def capture_sizes(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, 16, 24, 32, 48, 64, 96, ..., 256, 320, ... up to `limit`, which is
+    always included (so every batch up to `limit` has a size to pad to)."""
+    if limit < 1:
+        return ()
+    sizes, size = [], 1
+    while size <= limit:
+        sizes.append(size)
+        step = next(s for top, s in _SIZE_STEPS if size < top)
+        size = size * 2 if step is None else size + step
+    if sizes[-1] != limit:
+        sizes.append(limit)
+    return tuple(sizes)
+
+
+def padded_size(sizes: Sequence[int], num: int) -> Optional[int]:
+    """The smallest captured size holding `num` rows; None when `num` is above them all."""
+    for size in sizes:  # short and sorted: a scan beats bisect's overhead here
+        if size >= num:
+            return size
+    return None
+
+
+def decode_sizes(config: EngineConfig) -> tuple[int, ...]:
+    return capture_sizes(min(config.scheduler.max_num_seqs, DECODE_MAX_BATCH))
+
+
+def mixed_sizes(config: EngineConfig) -> tuple[int, ...]:
+    return capture_sizes(min(config.scheduler.max_num_batched_tokens, PIECEWISE_MAX_TOKENS))
+
+
+def max_blocks_per_req(config: EngineConfig) -> int:
+    return -(-config.scheduler.max_model_len // config.cache.block_size)
+
+
+def graph_problems(config: EngineConfig) -> list[str]:
+    """What in `config` CUDA graphs cannot serve (checked by `CudaPlatform.validate`)."""
+    problems = []
+    table_bytes = min(config.scheduler.max_num_seqs, DECODE_MAX_BATCH) * max_blocks_per_req(
+        config) * 4
+    if table_bytes > 1 << 30:
+        problems.append(
+            f"the padded block table of a captured decode graph would take "
+            f"{table_bytes / 2**30:.1f} GiB (max_model_len {config.scheduler.max_model_len}, "
+            f"block_size {config.cache.block_size}); raise --block-size, lower "
+            "--max-model-len, or pass --enforce-eager."
+        )
+    return problems
+
+
+class StaticDecodeInputs:
+    """Device buffers a decode graph reads: token ids, positions and attention metadata for
+    up to `max_batch` one-token requests. `fill` copies a step in and pads it."""
+
+    def __init__(self, max_batch: int, max_tokens: int, max_blocks: int,
+                 device: torch.device) -> None:
+        self.max_blocks = max_blocks
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+
+    def common_metadata(self, size: int, max_model_len: int) -> CommonAttentionMetadata:
+        """Metadata of a `size`-request decode batch over views of these buffers: what a
+        graph of that size is captured with (and then replays with, refilled)."""
+        qsl_cpu = torch.arange(size + 1, dtype=torch.int32)
+        return CommonAttentionMetadata(
+            num_reqs=size, num_actual_tokens=size, max_query_len=1,
+            max_seq_len=max_model_len,  # fixed, so the launch grid never changes
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens_cpu=torch.ones(size, dtype=torch.int32),
+            num_computed_tokens_cpu=torch.zeros(size, dtype=torch.int32),
+            query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=self.seq_lens[:size], block_table=self.block_table[:size],
+            slot_mapping=self.slot_mapping[:size],
+        )
+
+    def fill(self, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
+             metadata: Any) -> None:
+        """Copy a decode step of n <= size requests in; rows n..size-1 become padding
+        requests (seq_len 0: attend to nothing; slot -1: write nothing)."""
+        n = input_ids.shape[0]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.seq_lens[:n].copy_(metadata.seq_lens)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping[:n])
+        table = metadata.block_table
+        self.block_table[:n, :table.shape[1]].copy_(table)
+        if size > n:
+            self.seq_lens[n:size].zero_()
+            self.slot_mapping[n:size].fill_(-1)
+
+
+@dataclass
+class RecordedAttention:
+    """One attention call cut out of a piecewise capture: the buffers its neighbours read
+    and write, and what it needs to run eagerly at replay."""
+
+    backend: AttentionBackend
+    query: torch.Tensor  # [size, H, D] view of a static buffer the piece before fills
+    key: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor  # [size, H, D] view of the static buffer the piece after reads
+    kv_cache: torch.Tensor
+    scale: float
+
+    def run(self, num_tokens: int, metadata: Any) -> None:
+        out = self.backend.forward(self.query[:num_tokens], self.key[:num_tokens],
+                                   self.value[:num_tokens], self.kv_cache, metadata, self.scale)
+        self.output[:num_tokens].copy_(out)
+
+
+@dataclass
+class Piece:
+    graph: torch.cuda.CUDAGraph
+    attention: Optional[RecordedAttention]  # runs after the graph; None for the last piece
+
+
+class AttentionBuffers:
+    """Static q/k/v/out buffers of `rows` rows, one per (role, shape, dtype), shared by every
+    attention call and every captured size (see the module docstring for why that is safe).
+    Reserved eagerly (outside any capture, zero-filled) during the warm-up forward."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def reserve(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        for role, like in (("q", query), ("k", key), ("v", value), ("out", query)):
+            index = (role, tuple(like.shape[1:]), like.dtype)
+            if index not in self._buffers:
+                self._buffers[index] = torch.zeros((self.rows, *like.shape[1:]),
+                                                   dtype=like.dtype, device=like.device)
+
+    def view(self, role: str, like: torch.Tensor) -> torch.Tensor:
+        """[like.shape[0], ...] rows of the buffer for this role and `like`'s shape."""
+        buf = self._buffers.get((role, tuple(like.shape[1:]), like.dtype))
+        if buf is None or like.shape[0] > self.rows:
+            raise RuntimeError(
+                f"no static {role} buffer for {like.shape[0]} rows of {tuple(like.shape[1:])} "
+                f"{like.dtype}: the warm-up forward saw other attention shapes than the capture."
+            )
+        return buf[:like.shape[0]]
+
+
+class _Splitter:
+    """Builds the pieces of one piecewise capture."""
+
+    def __init__(self, pool: Any, buffers: AttentionBuffers) -> None:
+        self.pool = pool
+        self.buffers = buffers
+        self.pieces: list[Piece] = []
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    def begin(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.capture_begin(pool=self.pool)
+
+    def end(self, attention: Optional[RecordedAttention]) -> None:
+        assert self.graph is not None
+        graph, self.graph = self.graph, None
+        graph.capture_end()
+        self.pieces.append(Piece(graph, attention))
+
+    def abort(self) -> None:
+        """Close a capture that failed midway (its graph is useless)."""
+        if self.graph is not None:
+            graph, self.graph = self.graph, None
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass  # the capture was already invalidated; the original error matters
+
+    def split(self, backend: AttentionBackend, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Called by the attention layer mid-capture: hand q/k/v over through static
+        buffers, close this piece, record the call, open the next piece."""
+        static = [self.buffers.view(role, t) for role, t in (("q", query), ("k", key),
+                                                              ("v", value))]
+        for buf, tensor in zip(static, (query, key, value)):
+            buf.copy_(tensor)  # captured in the piece that produced them
+        out = self.buffers.view("out", query)
+        self.end(RecordedAttention(backend, *static, out, kv_cache, scale))
+        self.begin()
+        return out
+
+
+class _SplittingBackend(AttentionBackend):
+    """Stands in for the platform's backend inside the model's attention layers: passes
+    every call through, except during a piecewise capture, where it cuts the graph."""
+
+    def __init__(self, inner: AttentionBackend, runner: CudaGraphRunner) -> None:
+        super().__init__(inner.spec)
+        self.inner = inner
+        self.runner = runner
+        self.name = inner.name
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return self.inner.kv_cache_shape(num_blocks)
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
+        return self.inner.build_metadata(common)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+        runner = self.runner
+        if runner._splitter is not None:
+            return runner._splitter.split(self.inner, query, key, value, kv_cache, scale)
+        if runner._reserving:
+            runner._attn_buffers.reserve(query, key, value)
+        return self.inner.forward(query, key, value, kv_cache, metadata, scale)
+
+
+def attention_layers(forward: ModelForward) -> list[torch.nn.Module]:
+    """The attention layers of the module whose bound `forward` the runner wraps."""
+    from engine.models.layers.attention import Attention
+
+    module = getattr(forward, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return []
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
+class CudaGraphRunner(GraphRunner):
+    """See the module docstring. `captured_sizes` lists the decode sizes (requests);
+    `piecewise_sizes` the mixed sizes (tokens)."""
+
+    def __init__(self, forward: ModelForward, config: EngineConfig) -> None:
+        super().__init__(forward, config)
+        self.decode_sizes = decode_sizes(config)
+        self.mixed_sizes = mixed_sizes(config)
+        self.piecewise_sizes: tuple[int, ...] = ()
+        self.max_model_len = config.scheduler.max_model_len
+        self.max_blocks = max_blocks_per_req(config)
+        self._decode_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pieces: dict[int, list[Piece]] = {}
+        self._splitter: Optional[_Splitter] = None
+        self._static: Optional[StaticDecodeInputs] = None
+        self._output: Optional[torch.Tensor] = None
+        self._attn_buffers = AttentionBuffers(self.mixed_sizes[-1])
+        self._reserving = False
+        self._pool: Any = None
+
+    # ---- capture ----
+    def capture(self, make_batch: DummyBatchFactory) -> None:
+        t0 = time.perf_counter()
+        ids, _, _ = make_batch(1)
+        device = ids.device
+        max_tokens = max(self.decode_sizes[-1], self.mixed_sizes[-1])
+        self._static = StaticDecodeInputs(self.decode_sizes[-1], max_tokens, self.max_blocks,
+                                          device)
+        layers = attention_layers(self.forward)
+        if not layers:
+            logger.warning("CUDA graphs: no attention layers found in the wrapped forward, "
+                           "so nothing is captured; every batch runs eagerly.")
+            return
+        self._install_splitting_backends(layers)
+        self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device=device)
+        torch.cuda.synchronize(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.mixed_sizes):
+                self._pieces[size] = self._capture_pieces(size, make_batch)
+            for size in reversed(self.decode_sizes):
+                self._decode_graphs[size] = self._capture_decode(size, make_batch)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        self.captured_sizes = tuple(sorted(self._decode_graphs))
+        self.piecewise_sizes = tuple(sorted(self._pieces))
+        num_pieces = len(next(iter(self._pieces.values()))) if self._pieces else 0
+        logger.info(
+            "CUDA graphs captured in %.1f s: decode batches %s; mixed batches %s tokens "
+            "(%d pieces each)", time.perf_counter() - t0, _span(self.captured_sizes),
+            _span(self.piecewise_sizes), num_pieces,
+        )
+
+    def _install_splitting_backends(self, layers: list[torch.nn.Module]) -> None:
+        proxies: dict[int, _SplittingBackend] = {}
+        for layer in layers:
+            backend = layer.backend
+            if isinstance(backend, _SplittingBackend):
+                continue
+            proxy = proxies.setdefault(id(backend), _SplittingBackend(backend, self))
+            layer.backend = proxy
+
+    def _output_rows(self, out: torch.Tensor, size: int) -> torch.Tensor:
+        """[size, ...] view of the static output buffer (made on first use, eagerly)."""
+        if self._output is None:
+            assert self._static is not None
+            rows = self._static.input_ids.shape[0]
+            self._output = torch.zeros((rows, *out.shape[1:]), dtype=out.dtype,
+                                       device=out.device)
+        return self._output[:size]
+
+    def _capture_decode(self, size: int, make_batch: DummyBatchFactory) -> torch.cuda.CUDAGraph:
+        static = self._static
+        assert static is not None
+        ids, positions, dummy = make_batch(size)
+        static.fill(size, ids, positions, dummy)
+        common = static.common_metadata(size, self.max_model_len)
+        metadata = _builder(self.forward).build_metadata(common)
+        ids, positions = static.input_ids[:size], static.positions[:size]
+        # Eager once first: Triton compiles and cuBLAS picks its kernels outside the capture.
+        self._output_rows(self.forward(ids, positions, metadata), size)
+        graph = torch.cuda.CUDAGraph()
+        with _capturing(graph, self._pool):
+            out = self.forward(ids, positions, metadata)
+            self._output_rows(out, size).copy_(out)
+        return graph
+
+    def _capture_pieces(self, size: int, make_batch: DummyBatchFactory) -> list[Piece]:
+        static = self._static
+        assert static is not None
+        ids_dummy, positions_dummy, metadata = make_batch(size)
+        ids, positions = static.input_ids[:size], static.positions[:size]
+        ids.copy_(ids_dummy)
+        positions.copy_(positions_dummy)
+        self._reserving = True  # eager warm-up; it also sizes the static attention buffers
+        try:
+            self._output_rows(self.forward(ids, positions, metadata), size)
+        finally:
+            self._reserving = False
+        splitter = _Splitter(self._pool, self._attn_buffers)
+        self._splitter = splitter
+        try:
+            splitter.begin()
+            out = self.forward(ids, positions, metadata)
+            self._output_rows(out, size).copy_(out)
+            splitter.end(None)
+        except BaseException:
+            splitter.abort()
+            raise
+        finally:
+            self._splitter = None
+        return splitter.pieces
+
+    # ---- replay ----
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 attn_metadata: Any) -> torch.Tensor:
+        num_tokens = input_ids.shape[0]
+        max_query_len = getattr(attn_metadata, "max_query_len", None)
+        if max_query_len == 1 and self._decode_graphs:
+            size = padded_size(self.captured_sizes, num_tokens)
+            if size is not None and attn_metadata.block_table.shape[1] <= self.max_blocks:
+                return self._replay_decode(size, input_ids, positions, attn_metadata)
+        if self._pieces:
+            size = padded_size(self.piecewise_sizes, num_tokens)
+            if size is not None:
+                return self._replay_pieces(size, input_ids, positions, attn_metadata)
+        return self.forward(input_ids, positions, attn_metadata)
+
+    def _replay_decode(self, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
+                       attn_metadata: Any) -> torch.Tensor:
+        assert self._static is not None and self._output is not None
+        self._static.fill(size, input_ids, positions, attn_metadata)
+        self._decode_graphs[size].replay()
+        return self._output[:input_ids.shape[0]]
+
+    def _replay_pieces(self, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
+                       attn_metadata: Any) -> torch.Tensor:
+        assert self._static is not None and self._output is not None
+        num_tokens = input_ids.shape[0]
+        self._static.input_ids[:num_tokens].copy_(input_ids)
+        self._static.positions[:num_tokens].copy_(positions)
+        for piece in self._pieces[size]:
+            piece.graph.replay()
+            if piece.attention is not None:
+                piece.attention.run(num_tokens, attn_metadata)
+        return self._output[:num_tokens]
+
+
+@contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, pool: Any) -> Iterator[None]:
+    """Capture into `graph` on the current (side) stream; close the capture on errors."""
+    graph.capture_begin(pool=pool)
+    try:
+        yield
+    except BaseException:
+        try:
+            graph.capture_end()
+        except RuntimeError:
+            pass  # already invalidated; the original error is the one to see
+        raise
+    graph.capture_end()
+
+
+def _builder(forward: ModelForward) -> AttentionBackend:
+    """The backend that builds metadata for the model the runner wraps."""
+    layers = attention_layers(forward)
+    if not layers:
+        raise RuntimeError(
+            "CUDA graphs need the model's attention layers to build decode metadata; pass "
+            "--enforce-eager for a model without them."
+        )
+    backend = layers[0].backend
+    return backend.inner if isinstance(backend, _SplittingBackend) else backend
+
+
+def _span(sizes: Sequence[int]) -> str:
+    return f"{sizes[0]}..{sizes[-1]} ({len(sizes)} sizes)" if sizes else "none"

@@ -1,0 +1,252 @@
+"""CudaGraphRunner: size ladders, padding, static metadata and the pass-through backend on
+CPU; on a GPU, graph replays equal the eager forward for decode and mixed batches, and
+greedy generation is the same with and without graphs.
+
+Rule: the CPU tests drive the real buffers and the real CPU attention backend; only
+capture and replay themselves need a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from engine_cuda.graph import (
+    AttentionBuffers,
+    CudaGraphRunner,
+    StaticDecodeInputs,
+    _SplittingBackend,
+    attention_layers,
+    capture_sizes,
+    decode_sizes,
+    mixed_sizes,
+    padded_size,
+)
+from engine_cuda.platform import CudaPlatform
+
+from engine.config import EngineArgs
+from platforms.cpu.platform import CpuPlatform
+from platforms.interface import GraphRunner
+from platforms.testing import write_tiny_llama
+
+HAS_CUDA = CudaPlatform.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (torch.cuda)")
+
+
+def tiny_config(tmp_path, **args):
+    directory = write_tiny_llama(tmp_path / "tiny")
+    return EngineArgs(model=str(directory), load_format="dummy", max_model_len=256,
+                      **args).create_config()
+
+
+# ---- sizes and padding ----
+def test_capture_sizes_ladder():
+    assert capture_sizes(512) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256,
+                                  320, 384, 448, 512)
+    assert capture_sizes(100) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100)
+    assert capture_sizes(1) == (1,)
+    assert capture_sizes(3) == (1, 2, 3)
+    assert capture_sizes(0) == ()
+
+
+def test_padded_size_is_the_smallest_that_holds_the_batch():
+    sizes = capture_sizes(100)
+    assert [padded_size(sizes, n) for n in (1, 3, 5, 17, 64, 65, 100)] == [
+        1, 4, 8, 24, 64, 96, 100]
+    assert padded_size(sizes, 101) is None
+
+
+def test_sizes_follow_the_scheduler_limits(tmp_path):
+    config = tiny_config(tmp_path, max_num_seqs=40, max_num_batched_tokens=300)
+    assert decode_sizes(config)[-1] == 40
+    assert mixed_sizes(config)[-1] == 300
+    big = tiny_config(tmp_path, max_num_seqs=2000, max_num_batched_tokens=8192)
+    assert decode_sizes(big)[-1] == 512 and mixed_sizes(big)[-1] == 512
+
+
+def test_platform_gives_eager_under_enforce_eager_and_graphs_otherwise(tmp_path):
+    def forward(ids, positions, metadata):
+        return ids
+
+    platform = CudaPlatform()
+    eager = platform.graph_runner(forward, tiny_config(tmp_path, enforce_eager=True))
+    assert type(eager) is GraphRunner
+    graphs = platform.graph_runner(forward, tiny_config(tmp_path, max_num_seqs=8))
+    assert isinstance(graphs, CudaGraphRunner) and graphs.decode_sizes == (1, 2, 4, 8)
+    assert graphs.max_blocks == 256 // 16
+    # Before capture (the profiling step, the first warm-up step) every call is eager.
+    ids = torch.arange(5)
+    assert graphs(ids, ids, object()) is ids
+
+
+# ---- static decode inputs ----
+def _decode_metadata(seq_lens: list[int], tables: list[list[int]], block_size: int = 16):
+    """What a backend's metadata holds for a decode step: seq_lens, block_table, slots."""
+    width = max(len(t) for t in tables)
+    table = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    last = torch.tensor(seq_lens) - 1
+    slots = table[torch.arange(len(tables)), last // block_size].long() * block_size + (
+        last % block_size)
+    from types import SimpleNamespace
+
+    return SimpleNamespace(seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                           block_table=table, slot_mapping=slots, max_query_len=1)
+
+
+def test_fill_copies_the_step_and_pads_with_inert_requests():
+    static = StaticDecodeInputs(max_batch=8, max_tokens=16, max_blocks=4,
+                                device=torch.device("cpu"))
+    static.fill(8, torch.arange(8) + 100, torch.arange(8) + 10,
+                _decode_metadata([5] * 8, [[9, 9, 9, 9]] * 8))  # an earlier, fuller step
+    meta = _decode_metadata([17, 3, 40], [[7, 2], [5], [1, 4, 6]])
+    static.fill(4, torch.tensor([11, 12, 13]), torch.tensor([16, 2, 39]), meta)
+    assert static.input_ids[:3].tolist() == [11, 12, 13]
+    assert static.positions[:3].tolist() == [16, 2, 39]
+    assert static.seq_lens[:4].tolist() == [17, 3, 40, 0]  # padding attends to nothing
+    assert static.slot_mapping[:4].tolist() == [2 * 16 + 0, 5 * 16 + 2, 6 * 16 + 7, -1]
+    assert static.block_table[:3, :3].tolist() == [[7, 2, 0], [5, 0, 0], [1, 4, 6]]
+    # Rows past the padded size are not this step's business.
+    assert static.seq_lens[4:].tolist() == [5] * 4
+    assert static.query_start_loc.tolist() == list(range(9))
+
+
+def test_captured_metadata_views_the_buffers_with_a_fixed_launch_shape():
+    static = StaticDecodeInputs(8, 8, 4, torch.device("cpu"))
+    common = static.common_metadata(4, max_model_len=64)
+    assert (common.num_reqs, common.num_actual_tokens, common.max_query_len,
+            common.max_seq_len) == (4, 4, 1, 64)
+    assert common.block_table.shape == (4, 4)
+    static.fill(4, torch.tensor([1]), torch.tensor([0]), _decode_metadata([3], [[2]]))
+    assert common.seq_lens.tolist() == [3, 0, 0, 0]  # the same memory the graph reads
+    assert common.slot_mapping.tolist() == [34, -1, -1, -1]
+    assert common.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_attention_buffers_are_shared_per_shape_and_refuse_unknown_ones():
+    buffers = AttentionBuffers(rows=32)
+    q, kv = torch.randn(32, 4, 16), torch.randn(32, 2, 16)
+    buffers.reserve(q, kv, kv)
+    buffers.reserve(q, kv, kv)  # a second layer: same buffers
+    view = buffers.view("q", q[:8])
+    assert view.shape == (8, 4, 16) and view.data_ptr() == buffers.view("q", q).data_ptr()
+    assert buffers.view("out", q[:8]).data_ptr() != view.data_ptr()
+    with pytest.raises(RuntimeError, match="no static q buffer"):
+        buffers.view("q", torch.randn(8, 3, 16))
+    with pytest.raises(RuntimeError, match="no static k buffer"):
+        buffers.view("k", torch.randn(33, 2, 16))
+
+
+# ---- the splitting backend passes everything through outside a capture ----
+def test_splitting_backend_changes_nothing_outside_a_capture(tmp_path):
+    from engine.engine_core.core import resolve_for_platform
+    from engine.worker.model_runner import ModelRunner
+
+    platform = CpuPlatform()
+    config = resolve_for_platform(tiny_config(tmp_path, num_kv_blocks=16), platform)
+    runner = ModelRunner(config, platform)
+    runner.load_model()
+    runner.initialize_kv_cache(16)
+    ids, positions, metadata = runner.dummy_decode_batch(6)
+    with torch.inference_mode():
+        before = runner.model.forward(ids, positions, metadata).clone()
+    graphs = CudaGraphRunner(runner.model.forward, config)
+    layers = attention_layers(runner.model.forward)
+    assert len(layers) == config.model.num_layers
+    graphs._install_splitting_backends(layers)
+    graphs._install_splitting_backends(layers)  # idempotent: no proxy of a proxy
+    proxies = {id(layer.backend) for layer in layers}
+    assert len(proxies) == 1 and isinstance(layers[0].backend, _SplittingBackend)
+    assert layers[0].backend.inner is runner.attn_backend
+    graphs._reserving = True
+    with torch.inference_mode():
+        after = runner.model.forward(ids, positions, metadata)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    spec = runner.attn_spec
+    q = torch.empty(6, spec.num_heads, spec.head_size)
+    assert graphs._attn_buffers.view("q", q).shape == (6, spec.num_heads, spec.head_size)
+
+
+# ---- on a GPU ----
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_gpu_graph_replay_equals_eager(tmp_path, dtype):
+    from platforms.testing import DEFAULT_BATCHES, check_graph_runner
+
+    batches = (*DEFAULT_BATCHES,
+               tuple((i % 10 * 3 + 2, 1) for i in range(33)),  # 33 decodes -> padded to 48
+               ((0, 100), (20, 30), *((j, 1) for j in range(5, 25))),  # 150 mixed tokens
+               ((0, 250), (0, 250), (3, 100)))  # 600 tokens: above the piecewise limit
+    platform = CudaPlatform()
+    worst = check_graph_runner(platform, write_tiny_llama(tmp_path / "m"), dtype=dtype,
+                               batches=batches, num_blocks=128)
+    assert worst < (1e-3 if dtype == torch.float32 else 5e-2)
+
+
+@needs_gpu
+def test_gpu_runner_replays_graphs_for_decode_and_pieces_for_mixed(tmp_path):
+    from engine.engine_core.core import resolve_for_platform
+    from engine.worker.model_runner import ModelRunner
+
+    platform = CudaPlatform()
+    config = tiny_config(tmp_path, num_kv_blocks=64, max_num_seqs=16,
+                         max_num_batched_tokens=64)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                   dtype=torch.bfloat16))
+    runner = ModelRunner(resolve_for_platform(config, platform), platform)
+    runner.load_model()
+    runner.initialize_kv_cache(64)
+    runner.warm_up()
+    graphs = runner.forward
+    assert graphs.captured_sizes == (1, 2, 4, 8, 16)
+    assert graphs.piecewise_sizes == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    # one piece per attention layer, plus the last one
+    assert len(graphs._pieces[64]) == config.model.num_layers + 1
+    replays = []
+    for size, graph in graphs._decode_graphs.items():
+        graph.replay = (lambda g, s: lambda: (replays.append(("decode", s)), g())[1])(
+            graph.replay, size)
+    ids, positions, metadata = runner.dummy_decode_batch(3)
+    with torch.inference_mode():
+        graphs(ids, positions, metadata)
+    assert replays == [("decode", 4)]
+
+
+def tiny_llama_with_tokenizer(directory, **overrides):
+    """A config-only tiny Llama plus a word-level tokenizer ("t0".."t511"), all offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    write_tiny_llama(directory, **overrides)
+    vocab = {f"t{i}": i for i in range(512)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="t1",
+                            unk_token="t0").save_pretrained(directory)
+    return directory
+
+
+def _generate(directory, enforce_eager: bool) -> list[list[int]]:
+    from engine.entrypoints.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(model=str(directory), load_format="dummy", dtype="bfloat16", max_model_len=256,
+              enforce_eager=enforce_eager, kv_cache_memory=64 << 20, max_num_seqs=32)
+    # Prompts of different lengths: the first steps mix prefill and decode, then decode.
+    prompts = [{"prompt_token_ids": list(range(2 + i, 10 + 7 * i))} for i in range(12)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.core.shutdown()
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@needs_gpu
+def test_gpu_greedy_generation_is_the_same_with_and_without_graphs(tmp_path):
+    directory = tiny_llama_with_tokenizer(tmp_path / "gen")
+    eager = _generate(directory, enforce_eager=True)
+    graphs = _generate(directory, enforce_eager=False)
+    same = sum(a == b for a, b in zip(eager, graphs, strict=True))
+    assert same == len(eager), f"{same}/{len(eager)} completions equal"
