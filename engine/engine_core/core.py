@@ -15,7 +15,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
-from engine.executor.uniproc import UniprocExecutor
+from engine.executor import make_executor
 from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler
@@ -55,7 +55,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.platform = select_platform(config.device)
         self.config = config = resolve_for_platform(config, self.platform)
-        self.executor = UniprocExecutor(config, self.platform)
+        self.executor = make_executor(config, self.platform)
         self.executor.load_model()
         timings["load"] = time.perf_counter() - t0
 

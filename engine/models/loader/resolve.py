@@ -14,7 +14,14 @@ from typing import Any, Optional
 
 import torch
 
-from engine.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import (
+    CacheConfig,
+    EngineArgs,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from engine.models.loader.source import ModelSource, locate
 from engine.models.registry import check_architecture
 
@@ -67,7 +74,27 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         max_logprobs=args.max_logprobs,
+        parallel=_parallel_config(args, hf_config),
     )
+
+
+def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
+    """Sizes checked against the model; the executor backend chosen when not given."""
+    from engine.distributed.sharding import check_tensor_parallel
+
+    tp, pp, dp = args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size
+    if pp > 1:
+        raise ValueError(f"--pipeline-parallel-size {pp}: pipeline parallelism is not "
+                         "available yet; use --tensor-parallel-size to split the model.")
+    if dp > 1:
+        raise ValueError(f"--data-parallel-size {dp}: data parallelism is not available yet; "
+                         "run one engine per replica behind a load balancer.")
+    problems = check_tensor_parallel(hf_config, tp)
+    if problems:
+        raise ValueError("The model cannot be split over --tensor-parallel-size "
+                         f"{tp}:\n  " + "\n  ".join(problems))
+    backend = args.distributed_executor_backend or ("mp" if tp * pp > 1 else "uniproc")
+    return ParallelConfig(tp, pp, dp, backend)
 
 
 def checkpoint_dtype(model_config: ModelConfig) -> torch.dtype:

@@ -1,0 +1,166 @@
+"""One process per device on this host: the `mp` executor.
+
+Rule: every rank runs in its own worker process, rank 0 included, so the engine-core process
+holds no torch.distributed state (engines can be created and destroyed one after another in
+one process, and the core's scheduling never waits behind a forward). Each call goes to every
+worker in the same order over ZMQ (pickled once, sent to each); every worker answers, and the
+driver's (rank 0) answer is the result. While waiting, the executor watches each worker
+process: one that dies fails the engine within a poll interval, with its rank, pid and exit
+status, instead of leaving the others hanging in a collective.
+
+Workers are started with `subprocess` (not `multiprocessing`) because the engine core itself
+runs in a daemonic process when served, and daemonic processes may not have children.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from typing import Any, Optional
+
+from engine.config import EngineConfig
+from engine.distributed import free_port
+from engine.executor.abstract import Executor
+from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.worker import SHUTDOWN
+from platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 100  # how often a waiting executor checks that its workers are alive
+_SHUTDOWN_GRACE_S = 5.0
+_WORKER_ENTRY = "from engine.worker.worker import main; main()"
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process exited (or failed) while the engine needed it."""
+
+
+def _stop_processes(procs: list[subprocess.Popen], ipc_dir: str) -> None:
+    """Terminate what is still running (kill after a grace period); remove the sockets."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, platform: Platform) -> None:
+        import zmq
+
+        self.world_size = config.parallel.world_size
+        self._ctx = zmq.Context()
+        self._ipc_dir = tempfile.mkdtemp(prefix="engine-mp-")
+        self._inboxes = []
+        self._outbox = self._ctx.socket(zmq.PULL)
+        self._outbox.bind(f"ipc://{self._ipc_dir}/out")
+        self.procs: list[subprocess.Popen] = []
+        self._failure: Optional[str] = None
+        self._finalizer = weakref.finalize(self, _stop_processes, self.procs, self._ipc_dir)
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        num_threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        for rank in range(self.world_size):
+            inbox = self._ctx.socket(zmq.PUSH)
+            address = f"ipc://{self._ipc_dir}/in{rank}"
+            inbox.bind(address)
+            self._inboxes.append(inbox)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", _WORKER_ENTRY, address, f"ipc://{self._ipc_dir}/out",
+                 str(rank), str(os.getpid())],
+            ))
+            inbox.send(pickle.dumps((config, platform.name, init_method, num_threads)))
+        try:
+            self._collect("start")  # every worker answers once its groups exist
+        except Exception:
+            self.shutdown()
+            raise
+        logger.info("mp executor: %d workers (pids %s), rendezvous %s, %d threads each",
+                    self.world_size, [p.pid for p in self.procs], init_method, num_threads)
+
+    # ---- calls ----
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        """Run `method(*args)` on every worker; their results in rank order."""
+        if self._failure is not None:
+            raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
+        message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        for inbox in self._inboxes:
+            inbox.send(message)
+        return self._collect(method)
+
+    def _collect(self, method: str) -> list[Any]:
+        results: dict[int, Any] = {}
+        while len(results) < self.world_size:
+            if self._outbox.poll(_POLL_MS):
+                rank, ok, payload = pickle.loads(self._outbox.recv())
+                if not ok:
+                    self._check_alive(method)  # a peer's death explains a collective's error
+                    self._fail(f"worker rank {rank} raised in {method}:\n{payload}")
+                results[rank] = payload
+                continue
+            self._check_alive(method)
+        return [results[r] for r in range(self.world_size)]
+
+    def _check_alive(self, method: str) -> None:
+        for rank, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is not None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                self._fail(
+                    f"worker rank {rank} (pid {proc.pid}) died ({how}) during {method}; the "
+                    "engine cannot continue with a rank missing. Restart it; check the "
+                    "worker's log above and host memory (an out-of-memory kill is SIGKILL)."
+                )
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        raise WorkerDiedError(reason)
+
+    # ---- the four verbs ----
+    def load_model(self) -> None:
+        self._call("load_model")
+
+    def determine_num_blocks(self) -> int:
+        return min(self._call("determine_num_blocks"))  # every rank must hold them
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call("initialize_kv_cache", num_blocks)
+
+    def warm_up(self) -> None:
+        self._call("warm_up")
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self._call("execute_model", scheduler_output)[0]
+
+    def shutdown(self) -> None:
+        """Ask every worker to exit (they destroy their groups), then make sure they did."""
+        if not self._finalizer.alive:
+            return
+        if self._failure is None:
+            message = pickle.dumps((SHUTDOWN, ()))
+            for inbox in self._inboxes:
+                inbox.send(message)
+            deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+            for proc in self.procs:
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    pass
+        self._finalizer()  # terminates stragglers, removes the socket directory
+        for sock in [*self._inboxes, self._outbox]:
+            sock.close(linger=0)
+        self._ctx.term()
+

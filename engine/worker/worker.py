@@ -1,0 +1,126 @@
+"""One rank of a multi-process engine: its process groups and its model runner, and the
+loop that serves the executor's calls in a worker process.
+
+Rule: a worker does what it is told, in order, and answers every call (result or error
+text); it never decides anything. It exits when told to, or within a second of its parent
+disappearing, destroying its process groups on the way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import traceback
+from typing import Any, Optional
+
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed import ParallelGroups, RankLayout
+from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.model_runner import ModelRunner
+from platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
+
+# Methods the executor may call on a worker (anything else is refused).
+WORKER_METHODS = frozenset(
+    {"load_model", "determine_num_blocks", "initialize_kv_cache", "warm_up", "execute_model"}
+)
+SHUTDOWN = "shutdown"
+READY = "ready"
+
+
+class Worker:
+    """Rank `rank` of one engine on this host (local rank = rank: one host per world)."""
+
+    def __init__(self, config: EngineConfig, platform: Platform, rank: int,
+                 init_method: str) -> None:
+        parallel = config.parallel
+        layout = RankLayout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        self.rank = rank
+        platform.set_device(platform.device(rank))
+        self.groups: Optional[ParallelGroups] = ParallelGroups(platform, layout, rank,
+                                                               init_method)
+        # Same seed on every rank: unseeded sampling draws the same noise everywhere, and
+        # logits are gathered to every rank, so every rank appends the same tokens.
+        platform.seed_everything(config.seed)
+        self.runner = ModelRunner(config, platform, self.groups.context, local_rank=rank)
+        self.is_driver = rank == 0  # the rank whose outputs the executor returns
+
+    def load_model(self) -> None:
+        self.runner.load_model()
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.runner.initialize_kv_cache(num_blocks)
+
+    def warm_up(self) -> None:
+        self.runner.warm_up()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        output = self.runner.execute_model(scheduler_output)
+        return output if self.is_driver else None  # only the driver's output travels back
+
+    def shutdown(self) -> None:
+        self.runner.model = None
+        if self.groups is not None:
+            self.groups.destroy()
+            self.groups = None
+
+
+def _serve(worker: Worker, inbox: Any, outbox: Any, parent_pid: int) -> None:
+    """Answer calls until told to stop or the parent is gone."""
+    while True:
+        if not inbox.poll(1000):
+            if os.getppid() != parent_pid:
+                logger.error("Worker %d: the engine process is gone; exiting.", worker.rank)
+                return
+            continue
+        method, args = pickle.loads(inbox.recv())
+        if method == SHUTDOWN:
+            return
+        try:
+            if method not in WORKER_METHODS:
+                raise ValueError(f"Unknown worker method {method!r}.")
+            reply = (worker.rank, True, getattr(worker, method)(*args))
+        except Exception:
+            reply = (worker.rank, False, traceback.format_exc())
+        outbox.send(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Worker process entry: argv = input address, output address, rank, parent pid.
+    The first message brings (config, platform name, rendezvous address, threads)."""
+    import zmq
+
+    from platforms.registry import select_platform
+
+    in_address, out_address, rank_text, parent_text = (argv or sys.argv[1:])[:4]
+    rank, parent_pid = int(rank_text), int(parent_text)
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(in_address)
+    outbox.connect(out_address)
+    worker: Optional[Worker] = None
+    try:
+        config, platform_name, init_method, num_threads = pickle.loads(inbox.recv())
+        torch.set_num_threads(num_threads)
+        try:
+            worker = Worker(config, select_platform(platform_name), rank, init_method)
+            outbox.send(pickle.dumps((rank, True, READY)))
+        except Exception:
+            outbox.send(pickle.dumps((rank, False, traceback.format_exc())))
+            return
+        _serve(worker, inbox, outbox, parent_pid)
+    finally:
+        if worker is not None:
+            worker.shutdown()
+        inbox.close(linger=0)
+        outbox.close(linger=1000)
+        ctx.term()
