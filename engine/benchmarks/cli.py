@@ -1,4 +1,4 @@
-"""`engine bench {throughput,serve}`: benchmarks that print a table with their peers."""
+"""`engine bench {latency,throughput,serve}`: benchmarks that print a table with their peers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import importlib
 
 _BENCHMARKS = {
+    "latency": ("engine.benchmarks.latency", "Time per output token vs the bandwidth roofline."),
     "throughput": ("engine.benchmarks.throughput", "Offline throughput vs HF transformers."),
     "serve": ("engine.benchmarks.serve", "Load a running server; TTFT/TPOT/ITL percentiles."),
 }

@@ -78,11 +78,12 @@ def make_workload(
     return Workload(prompts, output_lens)
 
 
-def run_engine(llm, workload: Workload) -> Result:
+def run_engine(llm, workload: Workload, ignore_eos: bool = True) -> Result:
     from engine.sampling_params import SamplingParams
 
     params = [
-        SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n if ignore_eos else 0,
+                       ignore_eos=ignore_eos)
         for n in workload.output_lens
     ]
     t0 = time.perf_counter()
@@ -91,34 +92,53 @@ def run_engine(llm, workload: Workload) -> Result:
     )
     seconds = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if produced != workload.num_output_tokens:
+    if ignore_eos and produced != workload.num_output_tokens:
         raise RuntimeError(f"engine produced {produced} tokens, expected "
                            f"{workload.num_output_tokens}")
     return Result("engine", seconds, len(workload.prompts), workload.num_prompt_tokens, produced)
 
 
-def load_hf_model(model_config, dtype):
-    """The same weights through HF transformers (GGUF files are dequantized by HF itself)."""
+def load_hf_model(model_config, dtype, device=None):
+    """The same weights through HF transformers (GGUF files are dequantized by HF itself),
+    on `device`; with dummy weights, HF's own random init of the same config (the same
+    shapes, so the same work)."""
     import os
 
+    import torch
     from transformers import AutoModelForCausalLM
 
+    if model_config.load_format == "dummy":
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(model_config.hf_config, dtype=dtype)
+        return model.eval()
     if model_config.load_format == "gguf":
         path = model_config.gguf_file
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
         )
-    elif model_config.load_format == "dummy":
-        raise ValueError("The HF peer needs real weights; use --no-hf-peer with dummy weights.")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_config.model, dtype=dtype)
-    return model.eval()
+    return model.to(device or "cpu").eval()
 
 
-def run_hf(model, workload: Workload, pad_token_id: int, batch_size: int) -> Result:
+def free_engine(llm) -> None:
+    """Drop the engine's weights, KV cache and graphs, so a peer measured after it in the
+    same process can reuse that device memory (through the framework's allocator cache)."""
+    import gc
+
+    llm.core.shutdown()
+    runner = getattr(llm.core.executor, "runner", None)
+    if runner is not None:  # the graph runner holds the forward (and captured graphs)
+        runner.forward = None
+    gc.collect()
+
+
+def run_hf(model, workload: Workload, pad_token_id: int, batch_size: int,
+           synchronize=None) -> Result:
     """HF `generate`, batched and left-padded; each batch decodes to its longest output."""
     import torch
 
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     order = list(range(len(workload.prompts)))
     for start in range(0, len(order), batch_size):
@@ -133,12 +153,22 @@ def run_hf(model, workload: Workload, pad_token_id: int, batch_size: int) -> Res
         new_tokens = max(workload.output_lens[i] for i in idx)
         with torch.inference_mode():
             model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                pad_token_id=pad_token_id,
             )
+    if synchronize is not None:
+        synchronize()
     seconds = time.perf_counter() - t0
     return Result("hf-transformers", seconds, len(workload.prompts),
                   workload.num_prompt_tokens, workload.num_output_tokens)
+
+
+def subset(workload: Workload, num_prompts: Optional[int]) -> Workload:
+    """The first `num_prompts` requests (all when None)."""
+    if num_prompts is None or num_prompts >= len(workload.prompts):
+        return workload
+    return Workload(workload.prompts[:num_prompts], workload.output_lens[:num_prompts])
 
 
 def print_table(results: list[Result]) -> None:
@@ -164,25 +194,59 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="Also run HF transformers generate on the same prompts.")
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="HF generate batch size (default: all prompts at once).")
+    parser.add_argument("--hf-num-prompts", type=int, default=None,
+                        help="Run the HF peer on the first N prompts only, when the whole "
+                        "workload would take it too long (rates stay comparable per token).")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="Every request produces exactly its output length.")
+    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=False,
+                        help="Measure copy bandwidth and matmul rate in this run and print "
+                        "the compute roofline (2 x non-embedding params flop per token).")
+    parser.add_argument("--roofline-copy-mib", type=int, default=1024,
+                        help="Size of the tensor copied to measure bandwidth.")
+    parser.add_argument("--roofline-matmul-size", type=int, default=8192,
+                        help="n of the n x n x n bf16 product that measures the matmul rate.")
     add_engine_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    from engine.benchmarks import roofline
     from engine.entrypoints.llm import LLM
 
     engine_args = engine_args_from_namespace(args, model=args.model)
     t0 = time.perf_counter()
     llm = LLM(**engine_args.model_dump())
     print(f"engine startup: {time.perf_counter() - t0:.2f} s")
+    print(roofline.startup_line(llm.core.startup_timings))
     tokenizer = llm.get_tokenizer()
     workload = make_workload(tokenizer, args.num_prompts, args.input_len, args.output_len,
                              args.bench_seed, args.dataset)
     print(f"workload: {len(workload.prompts)} prompts, {workload.num_prompt_tokens} prompt "
           f"tokens, {workload.num_output_tokens} output tokens")
-    results = [run_engine(llm, workload)]
+    results = [run_engine(llm, workload, args.ignore_eos)]
+    platform, model_config = llm.core.platform, llm.config.model
+    num_params = roofline.non_embedding_params(llm.core.executor.runner.model)
+    free_engine(llm)
+    del llm
+    ceilings = None
+    if args.ceilings:
+        ceilings = roofline.measure(platform, args.roofline_copy_mib << 20,
+                                    args.roofline_matmul_size)
     if args.hf_peer:
-        hf_model = load_hf_model(llm.config.model, llm.config.model.dtype)
+        peer = subset(workload, args.hf_num_prompts)
+        if peer is not workload:
+            print(f"hf-transformers runs the first {len(peer.prompts)} of "
+                  f"{len(workload.prompts)} prompts (--hf-num-prompts)")
+        hf_model = load_hf_model(model_config, model_config.dtype, platform.device())
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        results.append(run_hf(hf_model, workload, pad, args.hf_batch_size or len(workload.prompts)))
+        results.append(run_hf(hf_model, peer, pad, args.hf_batch_size or len(peer.prompts),
+                              platform.synchronize))
     print_table(results)
+    if ceilings is not None:
+        engine = results[0]
+        total = (engine.prompt_tokens + engine.output_tokens) / engine.seconds
+        for line in ceilings.lines():
+            print(line)
+        print(f"non-embedding parameters: {num_params:,}")
+        print(roofline.compute_roofline(num_params, ceilings, total).line())
     return 0
