@@ -233,7 +233,7 @@ def _generate(directory, enforce_eager: bool) -> list[list[int]]:
     from engine.entrypoints.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    llm = LLM(model=str(directory), load_format="dummy", dtype="bfloat16", max_model_len=256,
+    llm = LLM(model=str(directory), load_format="dummy", dtype="float32", max_model_len=256,
               enforce_eager=enforce_eager, kv_cache_memory=64 << 20, max_num_seqs=32)
     # Prompts of different lengths: the first steps mix prefill and decode, then decode.
     prompts = [{"prompt_token_ids": list(range(2 + i, 10 + 7 * i))} for i in range(12)]
