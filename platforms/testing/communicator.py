@@ -9,7 +9,9 @@ parent as text; a hung collective is a timeout, not a hang.
 
 from __future__ import annotations
 
+import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -89,13 +91,25 @@ def check_communicator(platform_cls: type[Platform], world_size: int = 2,
     for p in procs:
         p.start()
     failures: dict[int, str] = {}
+    answered: set[int] = set()
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):
-            rank, error = results.get(timeout=timeout_s)
+        while len(answered) < world_size:
+            try:
+                rank, error = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if r not in answered and p.exitcode not in (None, 0)]
+                if dead:  # a rank died without reporting (crash at import, signal)
+                    failures.update({r: f"exited with code {procs[r].exitcode}" for r in dead})
+                    break
+                if time.monotonic() > deadline:
+                    failures[-1] = f"no answer from every rank within {timeout_s} s"
+                    break
+                continue
+            answered.add(rank)
             if error is not None:
                 failures[rank] = error
-    except Exception as exc:  # queue.Empty: some rank hung or died
-        failures[-1] = f"no answer from every rank within {timeout_s} s ({type(exc).__name__})"
     finally:
         for p in procs:
             p.join(timeout=10)
