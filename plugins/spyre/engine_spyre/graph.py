@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from engine_spyre.attention import StaticAttentionMetadata
-from engine_spyre.shapes import SHAPES_ENV, StepShape, pick_step_shape
+from engine_spyre.shapes import SHAPES_ENV, pick_step_shape
 from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
+from platforms.static_attention import StaticAttentionMetadata, StepShape
 
 logger = logging.getLogger(__name__)
 

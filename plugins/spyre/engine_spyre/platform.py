@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 
 from engine_spyre import shapes as shape_rules
-from engine_spyre.attention import StaticPagedAttentionBackend
 from engine_spyre.graph import StaticShapeGraphRunner
 from platforms.interface import AttentionBackend, AttentionSpec, ModelForward, Platform
 from platforms.scheduling import StaticBatching
+from platforms.static_attention import StaticPagedAttentionBackend
 
 SIMULATE_ENV = "ENGINE_SPYRE_SIMULATE"
 BACKEND_ENV = "ENGINE_SPYRE_COMPILE_BACKEND"

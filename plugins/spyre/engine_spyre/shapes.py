@@ -1,6 +1,6 @@
 """Spyre warm-up shapes and the padded step shapes compiled from them.
 
-Rule: torch-free and pure. Every shape the device will ever run is derived here, from the
+Rule: pure functions of the configuration. Every shape the device will ever run is derived here, from the
 configured warm-up shapes alone, so the scheduler's constraint (`StaticBatching`) and the
 graph runner's padding can never disagree.
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 from platforms.scheduling import StaticBatching, StaticShape
+from platforms.static_attention import StepShape
 
 SHAPES_ENV = "ENGINE_SPYRE_WARMUP_SHAPES"
 DEFAULT_SHAPES = "4x64x20"
@@ -51,20 +51,6 @@ def configured_shapes() -> tuple[StaticShape, ...]:
 
 def constraints(shapes: tuple[StaticShape, ...]) -> StaticBatching:
     return StaticBatching(shapes, how_to_change=HOW_TO_CHANGE)
-
-
-@dataclass(frozen=True, order=True)
-class StepShape:
-    """One compiled forward: `batch` requests x `query` new tokens each (laid out as a grid,
-    `batch * query` token rows), reading `blocks` KV-cache blocks per request."""
-
-    batch: int
-    query: int  # prompt length for a prefill, 1 for a decode
-    blocks: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch * self.query
 
 
 def step_shapes(shapes: tuple[StaticShape, ...], block_size: int) -> tuple[StepShape, ...]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_spyre import platform as spyre
-from engine_spyre.attention import build_static_metadata
-from engine_spyre.shapes import StepShape
 from spyre_testutil import simulate
 
 from platforms.interface import AttentionSpec, CommonAttentionMetadata
+from platforms.static_attention import StepShape, build_static_metadata
 from platforms.testing import (
     ATTENTION_CASES,
     check_attention_against_reference,

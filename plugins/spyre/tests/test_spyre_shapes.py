@@ -1,9 +1,10 @@
 """Warm-up shapes: parsing, the step shapes compiled from them, and picking one per step."""
 
 import pytest
-from engine_spyre.shapes import StepShape, parse_shapes, pick_step_shape, step_shapes
+from engine_spyre.shapes import parse_shapes, pick_step_shape, step_shapes
 
 from platforms.scheduling import StaticShape
+from platforms.static_attention import StepShape
 
 
 def test_parse_sorts_and_dedupes():

@@ -1,7 +1,12 @@
-"""Paged attention in static-shape form: every tensor's shape is fixed by the step shape.
+"""Paged attention in static-shape form, for platforms that compile fixed shapes.
+
+A building block offered with the contract (used by the Spyre, TPU, Ascend and Gaudi plugins;
+any plugin may use it or not): an `AttentionBackend` whose `forward` has every tensor's shape
+fixed by a `StepShape`, and metadata that a graph runner re-lays out at a larger, compiled
+shape (`StaticAttentionMetadata.padded`) so that padding never reaches the core.
 
 Rule: no data-dependent shapes or Python branches inside `forward`, so a static-graph
-compiler (the Spyre backend of torch.compile, or inductor off hardware) traces one graph per
+compiler (torch.compile with a vendor backend, XLA, HPU/ACL graphs) traces one graph per
 step shape. Tokens are laid on a `[batch, query]` grid (request i's j-th new token in cell
 i * query + j); each request reads a fixed number of blocks of the cache; a float mask hides
 what it must not see. Padding tokens write into a scratch slot (slot 0 of the cache, which no
@@ -18,10 +23,23 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_spyre.shapes import StepShape
 from platforms.interface import AttentionBackend, AttentionSpec, CommonAttentionMetadata
 
 SCRATCH_SLOT = 0
+
+
+@dataclass(frozen=True, order=True)
+class StepShape:
+    """One compiled forward: `batch` requests x `query` new tokens each (laid out as a grid,
+    `batch * query` token rows), reading `blocks` KV-cache blocks per request."""
+
+    batch: int
+    query: int  # longest chunk of new tokens (prompt length for a prefill, 1 for a decode)
+    blocks: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * self.query
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,7 @@ class StaticPagedAttentionBackend(AttentionBackend):
     """Paged attention with static shapes; metadata is laid out at the step's own size, and
     the graph runner re-lays it out at a compiled size (`StaticAttentionMetadata.padded`)."""
 
-    name = "spyre_static"
+    name = "static_paged"
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
