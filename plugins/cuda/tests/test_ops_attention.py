@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from engine_cuda.ops.attention import (  # noqa: E402
+    TileConfig,
     choose_num_splits,
     paged_attention,
     prefill_config,
@@ -71,7 +72,8 @@ def _reference(b, scale):
     return out
 
 
-def _run(b, dtype, *, max_query_len=None, num_splits=None, num_sms=132, sentinel=7.0):
+def _run(b, dtype, *, max_query_len=None, num_splits=None, num_sms=132, sentinel=7.0,
+         **tiles):
     q = b["q"].to(DEVICE, dtype)
     cache = b["cache"].to(DEVICE, dtype)
     out = torch.full_like(q, sentinel)
@@ -79,7 +81,7 @@ def _run(b, dtype, *, max_query_len=None, num_splits=None, num_sms=132, sentinel
     paged_attention(
         q, cache, out, b["qsl"].to(DEVICE), b["seq_lens"].to(DEVICE), b["table"].to(DEVICE),
         q.shape[-1] ** -0.5, max_query_len or max(q_lens), int(b["seq_lens"].max()),
-        num_splits=num_splits, num_sms=num_sms,
+        num_splits=num_splits, num_sms=num_sms, **tiles,
     )
     return out.cpu().double()
 
@@ -154,6 +156,18 @@ def test_small_query_batches_use_one_tile_per_request():
     assert prefill_config(4, 128).block_m == 128
     b = _batch([(300, 4), (50, 2)], 8, 2, 64, 16, torch.float32, seed=4)
     _assert_close(_run(b, torch.float32, num_splits=2), b, torch.float32)
+
+
+def test_tile_overrides_for_tuning():
+    # Smaller tiles than the defaults: 16-key steps over 16-token blocks, 4-token prefill tiles.
+    decodes = _batch([(45, 1), (20, 1)], 8, 2, 32, 16, torch.float32, seed=6)
+    tile = TileConfig(block_q=4, block_m=16, block_n=16, num_warps=4, num_stages=2)
+    _assert_close(_run(decodes, torch.float32, num_splits=2, decode_tile=tile), decodes,
+                  torch.float32)
+    mixed = _batch([(45, 5), (20, 1), (0, 17)], 8, 2, 32, 16, torch.float32, seed=6)
+    _assert_close(_run(mixed, torch.float32, prefill_tile=tile), mixed, torch.float32)
+    with pytest.raises(ValueError, match="does not fit GQA group 4"):
+        _run(mixed, torch.float32, prefill_tile=TileConfig(4, 32, 16, 4, 2))
 
 
 def test_rejects_unsupported_head_size():

@@ -46,7 +46,7 @@ MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 32
 # tl.dot needs at least 16 rows; the small-query tile is exactly that.
 MIN_BLOCK_M = 16
-NEG_BIG = -1.0e30  # finite "minus infinity" for the running max: no inf - inf NaNs
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: no NaNs
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def prefill_config(group: int, head_size: int) -> TileConfig:
     block_q = max(1, rows // group_pad)
     block_m = block_q * group_pad
     block_n = 64 if head_size <= 128 else 32
-    return TileConfig(block_q, block_m, block_n, num_warps=8 if block_m >= 128 else 4,
-                      num_stages=2)
+    # 8 warps: with 4, the 128x128 tile (or head size 256) spills registers on sm_90.
+    return TileConfig(block_q, block_m, block_n, num_warps=8, num_stages=2)
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int,
@@ -110,15 +110,15 @@ def _attend_keys(
         else:
             blk = tl.load(bt_row + n // block_size)
         slot = blk.to(tl.int64) * stride_c_block + (n % block_size) * stride_c_slot  # [N]
+        kv_offs = slot[:, None] + offs_d[None, :]  # [N, D], head_size contiguous
         if MASKED:
-            k_t = tl.load(k_base + slot[None, :] + offs_d[:, None], mask=in_range[None, :],
-                          other=0.0)
+            k = tl.load(k_base + kv_offs, mask=in_range[:, None], other=0.0)
         else:
-            k_t = tl.load(k_base + slot[None, :] + offs_d[:, None])  # [D, N]
+            k = tl.load(k_base + kv_offs)
         if IEEE:
-            s = tl.dot(q, k_t, input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            s = tl.dot(q, k_t)
+            s = tl.dot(q, tl.trans(k))
         s = s * qk_scale  # [M, N], log2 domain
         if MASKED:
             visible = (n[None, :] <= q_pos[:, None]) & in_range[None, :]
@@ -128,10 +128,9 @@ def _attend_keys(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_base + slot[:, None] + offs_d[None, :], mask=in_range[:, None],
-                        other=0.0)
+            v = tl.load(v_base + kv_offs, mask=in_range[:, None], other=0.0)
         else:
-            v = tl.load(v_base + slot[:, None] + offs_d[None, :])  # [N, D]
+            v = tl.load(v_base + kv_offs)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -266,11 +265,14 @@ def paged_attention(
     *,
     num_splits: Optional[int] = None,
     num_sms: int = H100_NUM_SMS,
+    decode_tile: Optional[TileConfig] = None,
+    prefill_tile: Optional[TileConfig] = None,
 ) -> torch.Tensor:
     """Causal paged attention of every request's new tokens over its context; returns `out`.
 
     `num_splits` None picks the flash-decoding slice count with `choose_num_splits` (it only
     applies when every request fits one small-query tile, i.e. decode batches).
+    `decode_tile` / `prefill_tile` replace the default tiles (for tuning, see bench_ops).
     """
     num_tokens, num_heads, head_size = q.shape
     num_reqs = seq_lens.numel()
@@ -279,9 +281,10 @@ def paged_attention(
     if num_reqs == 0 or num_tokens == 0:
         return out
     group = num_heads // num_kv_heads
-    small = small_query_config(group, head_size)
+    small = decode_tile or small_query_config(group, head_size)
     one_tile = max_query_len <= small.block_q
-    cfg = small if one_tile else prefill_config(group, head_size)
+    cfg = small if one_tile else prefill_tile or prefill_config(group, head_size)
+    _check_tile(cfg, group)
     if not one_tile:
         num_splits = 1
     elif num_splits is None:
@@ -292,9 +295,8 @@ def paged_attention(
         part_m = torch.empty((num_splits, num_tokens, num_heads), dtype=torch.float32,
                              device=q.device)
         part_l = torch.empty_like(part_m)
-    else:  # unused by the kernel; any float32 tensors with the right rank
-        part_acc = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
-        part_m = part_l = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+    else:  # the kernel never touches them (NUM_SPLITS == 1): no allocation per call
+        part_acc, part_m, part_l = out, out, out
     programs = num_reqs if one_tile else num_tokens // cfg.block_q + num_reqs
     grid = (programs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
@@ -339,3 +341,12 @@ def _check_shapes(q, kv_cache, out, num_heads, num_kv_heads, head_size, cache_he
         raise ValueError("paged_attention: q, out and kv_cache need a contiguous last dimension")
     if q.dtype != kv_cache.dtype:
         raise ValueError(f"paged_attention: q is {q.dtype} but the cache is {kv_cache.dtype}")
+
+
+def _check_tile(cfg: TileConfig, group: int) -> None:
+    group_pad = triton.next_power_of_2(group)
+    if cfg.block_m != cfg.block_q * group_pad or cfg.block_m < MIN_BLOCK_M or cfg.block_n < 16:
+        raise ValueError(
+            f"paged_attention: tile {cfg} does not fit GQA group {group}: block_m must be "
+            f"block_q * {group_pad} and >= {MIN_BLOCK_M}, block_n >= 16"
+        )
