@@ -17,7 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+# One shared library from every source: decode attention and the named-op row kernels.
+_SOURCES = (
+    Path(__file__).parent / "csrc" / "paged_decode.c",
+    Path(__file__).parent / "csrc" / "elementwise.c",
+)
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _status = "not built yet"
 
@@ -51,14 +55,14 @@ def load_library() -> Optional[ctypes.CDLL]:
     if compiler is None:
         _status = "no C compiler found (set CC)"
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode())
-    target = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(built), "-lm"],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 _status = f"compile failed: {result.stderr.strip()[:300]}"
@@ -69,8 +73,24 @@ def load_library() -> Optional[ctypes.CDLL]:
     lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64,
                                      i64, f32, ctypes.c_int]
     lib.paged_decode_f32.restype = ctypes.c_int
+    _declare_row_kernels(lib)
     _status = f"loaded {target}"
     return lib
+
+
+def _declare_row_kernels(lib: ctypes.CDLL) -> None:
+    """Argument types of elementwise.c (see its comments for the meaning of each)."""
+    i64, f32, ptr, c_int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+    lib.rms_norm_f32.argtypes = [ptr, i64, i64, i64, i64, ptr, f32, i64, ptr, c_int]
+    lib.rms_norm_f32.restype = None
+    lib.fused_add_rms_norm_f32.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, f32, ptr, ptr,
+                                           c_int]
+    lib.fused_add_rms_norm_f32.restype = None
+    lib.rotary_neox_f32.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64,
+                                    i64, c_int]
+    lib.rotary_neox_f32.restype = c_int
+    lib.silu_and_mul_f32.argtypes = [ptr, i64, i64, i64, ptr, c_int]
+    lib.silu_and_mul_f32.restype = None
 
 
 def native_kernels_status() -> str:

@@ -11,7 +11,9 @@ import os
 import torch
 
 from platforms.cpu.attention import CpuAttentionBackend
+from platforms.cpu.ops import native_kernel_overrides
 from platforms.interface import AttentionBackend, AttentionSpec, Platform
+from platforms.kernels import KernelImpl
 
 # KV cache taken by default when neither kv_cache_memory nor num_kv_blocks is given.
 _DEFAULT_KV_CACHE_BYTES = 4 * 1024**3
@@ -55,3 +57,7 @@ class CpuPlatform(Platform):
 
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         return CpuAttentionBackend(spec)
+
+    def kernel_overrides(self) -> list[KernelImpl]:
+        # Native float32 row kernels where the C library compiled (ENGINE_CPU_NATIVE=0: none).
+        return native_kernel_overrides(self.name)
