@@ -18,15 +18,18 @@ import torch.nn.functional as F
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
+DEVICE = "cuda"
 DECODE_CASES = [(b, c) for b in (1, 64, 256) for c in (1024, 4096)]  # (batch, context)
 PREFILL_CASES = [(1, 4096), (8, 1024)]  # (prompts, prompt length)
+# A serving step: one fresh prompt chunk mixed with many decodes (prompt, decodes, context).
+MIXED_CASE = (2048, 255, 1024)
 
 
 def copy_bandwidth() -> float:
     """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
     import triton.testing
 
-    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    src = torch.empty(1 << 29, dtype=torch.float16, device=DEVICE)
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
@@ -36,20 +39,20 @@ def _paged_batch(q_lens: list[int], seq_lens: list[int], gen: torch.Generator) -
     """Random cache holding every request's keys (shuffled blocks) and its queries."""
     blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]
     num_blocks = sum(blocks)
-    perm = torch.randperm(num_blocks, generator=gen, device="cuda").to(torch.int32)
-    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device="cuda")
+    perm = torch.randperm(num_blocks, generator=gen, device=DEVICE).to(torch.int32)
+    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=DEVICE)
     pos = 0
     for i, b in enumerate(blocks):
         table[i, :b] = perm[pos:pos + b]
         pos += b
     cache = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE,
-                        device="cuda", generator=gen)
-    q = torch.randn(sum(q_lens), NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device="cuda",
+                        device=DEVICE, generator=gen)
+    q = torch.randn(sum(q_lens), NUM_HEADS, HEAD_SIZE, dtype=DTYPE, device=DEVICE,
                     generator=gen)
-    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32, device="cuda")
-    qsl[1:] = torch.cumsum(torch.tensor(q_lens, device="cuda"), 0)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32, device=DEVICE)
+    qsl[1:] = torch.cumsum(torch.tensor(q_lens, device=DEVICE), 0)
     return dict(q=q, cache=cache, table=table, qsl=qsl, q_lens=q_lens, seq_lens=seq_lens,
-                seq_lens_gpu=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"))
+                seq_lens_gpu=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
 
 
 def _run_triton(b: dict, **kwargs) -> tuple[torch.Tensor, callable]:
@@ -70,7 +73,7 @@ def _sdpa_reference(b: dict) -> tuple[torch.Tensor, callable]:
     outs, calls = [], []
     qsl = b["qsl"].tolist()
     for i, (q_len, seq_len) in enumerate(zip(b["q_lens"], b["seq_lens"])):
-        pos = torch.arange(seq_len, device="cuda")
+        pos = torch.arange(seq_len, device=DEVICE)
         slots = b["table"][i, pos // BLOCK_SIZE].long(), pos % BLOCK_SIZE
         k = b["cache"][0][slots].transpose(0, 1)[None]  # [1, Hkv, S, D]
         v = b["cache"][1][slots].transpose(0, 1)[None]
@@ -101,7 +104,7 @@ def bench_decode(sweep: bool, copy_bw: float) -> None:
     print(f"\n# decode (H={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_SIZE}, bf16); "
           f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     for batch, context in DECODE_CASES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
         b = _paged_batch([1] * batch, [context] * batch, gen)
         kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_SIZE * DTYPE.itemsize
         ref, _ = _sdpa_reference(b)
@@ -129,7 +132,7 @@ def bench_prefill(sweep: bool) -> None:
 
     print("\n# prefill (fresh prompts, causal)")
     for prompts, length in PREFILL_CASES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
         b = _paged_batch([length] * prompts, [length] * prompts, gen)
         flops = prompts * 4 * NUM_HEADS * HEAD_SIZE * length * length / 2  # causal half
         ref, sdpa_fn = _sdpa_reference(b)
@@ -140,8 +143,8 @@ def bench_prefill(sweep: bool) -> None:
         if sweep:
             variants += [(f"block_m={m} block_n={n} warps={w}",
                           {"prefill_tile": TileConfig(m // 4, m, n, w, s)})
-                         for m, n, w, s in ((128, 32, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                                            (128, 64, 4, 3))]
+                         for m, n, w, s in ((128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2),
+                                            (64, 32, 4, 3))]
         for label, kwargs in variants:
             out, fn = _run_triton(b, **kwargs)
             ms = triton.testing.do_bench(fn, return_mode="median")
@@ -149,6 +152,27 @@ def bench_prefill(sweep: bool) -> None:
                   f"{flops / (ms * 1e-3) / 1e12:6.1f} TFLOP/s  "
                   f"rel err vs SDPA {_rel_err(out, ref):.2e}")
         del b
+
+
+def bench_mixed() -> None:
+    """The one-launch mixed step against the same work as two launches (decodes alone with
+    the decode tile, the prompt alone): what mixing costs the decodes."""
+    import triton.testing
+
+    prompt, decodes, context = MIXED_CASE
+    print(f"\n# mixed step: 1 prompt of {prompt} + {decodes} decodes at context {context}")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    mixed = _paged_batch([prompt] + [1] * decodes, [prompt] + [context] * decodes, gen)
+    ref, _ = _sdpa_reference(mixed)
+    out, fn = _run_triton(mixed)
+    ms_mixed = triton.testing.do_bench(fn, return_mode="median")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    _, fn_decode = _run_triton(_paged_batch([1] * decodes, [context] * decodes, gen))
+    _, fn_prompt = _run_triton(_paged_batch([prompt], [prompt], gen))
+    ms_split = sum(triton.testing.do_bench(f, return_mode="median") for f in (fn_decode,
+                                                                                fn_prompt))
+    print(f"one launch {ms_mixed:7.3f} ms; decode-only + prompt-only launches "
+          f"{ms_split:7.3f} ms; rel err vs SDPA {_rel_err(out, ref):.2e}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -164,6 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"torch {torch.__version__}")
     bench_decode(args.sweep, copy_bandwidth())
     bench_prefill(args.sweep)
+    bench_mixed()
     return 0
 
 
