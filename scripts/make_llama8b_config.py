@@ -4,8 +4,8 @@ from the config alone with random weights, which is all a speed benchmark needs.
 
 Rule: the shapes are Llama-3.1-8B's (vocab 128256, 32 layers, hidden 4096, GQA 32/8,
 intermediate 14336, llama3 rope scaling); the tokenizer is a word-level one made here with
-`tokenizers` that has exactly one token per id of that vocabulary, so any id a random model
-samples detokenizes, and nothing is downloaded.
+`tokenizers` (engine.benchmarks.dummy_tokenizer) that has exactly one token per id of that
+vocabulary, so any id a random model samples detokenizes, and nothing is downloaded.
 
     python scripts/make_llama8b_config.py OUT_DIR [--num-hidden-layers N]
 """
@@ -58,17 +58,10 @@ def special_ids(vocab_size: int) -> tuple[int, int]:
 def save_tokenizer(out_dir: str, vocab_size: int = VOCAB_SIZE) -> None:
     """A word-level tokenizer with one token per id (`<t123>`, BOS and EOS named as Llama-3's),
     saved as HF files (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from engine.benchmarks.dummy_tokenizer import save_word_level_tokenizer
 
     bos_id, eos_id = special_ids(vocab_size)
-    vocab = {f"<t{i}>": i for i in range(vocab_size) if i not in (bos_id, eos_id)}
-    vocab[BOS], vocab[EOS] = bos_id, eos_id
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<t0>", bos_token=BOS,
-                                   eos_token=EOS)
-    fast.save_pretrained(out_dir)
+    save_word_level_tokenizer(out_dir, vocab_size, bos_id, eos_id, BOS, EOS)
 
 
 def write_model_dir(out_dir: str, **overrides) -> str:

@@ -139,7 +139,10 @@ def main(args: argparse.Namespace) -> int:
     if args.output_len < 2:
         raise ValueError(f"--output-len {args.output_len} leaves no decode step to time; "
                          f"pass 2 or more.")
-    engine_args = engine_args_from_namespace(args, model=args.model)
+    from engine.benchmarks.dummy_tokenizer import tokenizer_override
+
+    tokenizer = tokenizer_override(args.model, args.load_format, args.tokenizer)
+    engine_args = engine_args_from_namespace(args, model=args.model, tokenizer=tokenizer)
     llm = LLM(**engine_args.model_dump())
     platform, model_config = llm.core.platform, llm.config.model
     print(f"platform: {platform.name} ({platform.device()}), dtype "

@@ -211,9 +211,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from engine.benchmarks import roofline
+    from engine.benchmarks.dummy_tokenizer import tokenizer_override
     from engine.entrypoints.llm import LLM
 
-    engine_args = engine_args_from_namespace(args, model=args.model)
+    tokenizer = tokenizer_override(args.model, args.load_format, args.tokenizer)
+    engine_args = engine_args_from_namespace(args, model=args.model, tokenizer=tokenizer)
     t0 = time.perf_counter()
     llm = LLM(**engine_args.model_dump())
     print(f"engine startup: {time.perf_counter() - t0:.2f} s")

@@ -87,3 +87,27 @@ def test_bench_throughput_ceilings_and_hf_subset(tiny_dir, capsys):
     assert re.search(r"compute \(total tokens/s\): roofline [\d.]+ tok/s, achieved [\d.]+ "
                      r"tok/s = [\d.]+% of the roofline", out), out
     assert "non-embedding parameters:" in out
+
+
+def test_a_config_only_directory_benchmarks_with_a_stand_in_tokenizer(tiny_dir, tmp_path,
+                                                                      capsys):
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    (bare / "config.json").write_text(Path(tiny_dir, "config.json").read_text())
+    assert main(["bench", "latency", str(bare), "--load-format", "dummy", "--input-len", "8",
+                 "--output-len", "3", "--num-iters", "1", "--no-hf-peer", "--no-ceilings",
+                 *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "has no tokenizer: using a word-level stand-in" in out
+    assert re.search(r"^ *engine +[\d.]+", out, re.M), out
+
+
+def test_stand_in_tokenizer_has_one_token_per_id(tmp_path):
+    from transformers import AutoTokenizer
+
+    from engine.benchmarks.dummy_tokenizer import save_word_level_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        save_word_level_tokenizer(str(tmp_path), 300, bos_id=5, eos_id=299))
+    assert len(tok) == 300 and tok.eos_token_id == 299 and tok.bos_token_id == 5
+    assert tok.decode([7, 299]) == "<t7> </s>"
