@@ -8,7 +8,8 @@
 #     WHEELHOUSE  folder of wheels (default: $WHEELHOUSE, else ./wheelhouse)
 #     STAGE       install | tests | latency | throughput | all (default: all); install always
 #                 runs first. Split the stages over several calls where one call is time-boxed.
-#   env: PYTHON (default python3), NUM_PROMPTS (1000), HF_NUM_PROMPTS (32), PYTEST_ARGS
+#   env: PYTHON (default python3), NUM_PROMPTS (1000), HF_NUM_PROMPTS (32), PYTEST_ARGS,
+#        BENCH_ARGS (extra flags for both benchmarks, e.g. "--gpu-memory-utilization 0.8")
 #
 # The checkout's code always runs (PYTHONPATH puts it first); the wheels supply the
 # dependencies and the `engine.plugins` entry points, so a wheelhouse built before a code
@@ -35,7 +36,8 @@ PIP=("$PY" -m pip)
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
   PIP=("$PY" "$(ls "$WH"/pip-*.whl | head -1)/pip")   # pip runs from its own wheel
 fi
-if "${PIP[@]}" install -q --no-index --find-links "$WH" "engine[cuda]" >"$LOG/install.log" 2>&1
+if "${PIP[@]}" install -q --no-index --find-links "$WH" "engine[cuda]" pytest pytest-timeout \
+    >"$LOG/install.log" 2>&1
 then
   say "installed engine[cuda] from $WH into $("$PY" -c 'import sys; print(sys.prefix)')"
 else
@@ -46,6 +48,8 @@ else
 import importlib.metadata as md, pathlib, re, sys
 for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
     name = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+    if name.startswith("engine-") and name != "engine-cuda":
+        continue  # other platforms' plugins: not what this machine runs
     try:
         md.distribution(name)
         if name in ("engine", "engine-cuda"):
@@ -79,13 +83,13 @@ fi
 COMMON=(--load-format dummy --dtype bfloat16)
 if want latency; then
   "${ENGINE[@]}" bench latency "$MODEL" "${COMMON[@]}" --input-len 128 --output-len 256 \
-    --batch-size 1 --max-model-len 4096 2>&1 | tee "$LOG/latency.log"
+    --batch-size 1 --max-model-len 4096 ${BENCH_ARGS:-} 2>&1 | tee "$LOG/latency.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if want throughput; then
   "${ENGINE[@]}" bench throughput "$MODEL" "${COMMON[@]}" --num-prompts "${NUM_PROMPTS:-1000}" \
     --input-len 1024 --output-len 128 --ignore-eos --max-model-len 2048 --ceilings \
-    --hf-num-prompts "${HF_NUM_PROMPTS:-32}" 2>&1 | tee "$LOG/throughput.log"
+    --hf-num-prompts "${HF_NUM_PROMPTS:-32}" ${BENCH_ARGS:-} 2>&1 | tee "$LOG/throughput.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
