@@ -68,6 +68,9 @@ def _compile_all(bin_dir: str) -> None:
         constexprs = dict(GROUP=4, GROUP_PAD=4, HEAD_SIZE=head_size, BLOCK_Q=cfg.block_q,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                           ONE_TILE_PER_REQ=not prefill, NUM_SPLITS=num_splits, IEEE=False)
+        small = attn.small_query_config(4, head_size)
+        constexprs.update(SMALL_Q=small.block_q if prefill else 0, SMALL_M=small.block_m,
+                          SMALL_N=small.block_n)
         kernel = _compile(attn._paged_attention_kernel, _attention_arg, constexprs,
                           cfg.num_warps, cfg.num_stages)
         print(f"attention {head_size} {prefill} {num_splits} stack={_stack_bytes(kernel, bin_dir)}",

@@ -141,40 +141,18 @@ def _attend_keys(
 
 
 @triton.jit
-def _paged_attention_kernel(
-    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    qsl_ptr, seq_lens_ptr, bt_ptr,
+def _attend_tile(
+    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
+    req, tile, q_start, q_len, seq_len, kv_head, split,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
-    num_reqs, block_size, qk_scale,
+    block_size, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ONE_TILE_PER_REQ: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    if ONE_TILE_PER_REQ:
-        req = pid
-        tile = 0
-    else:
-        # Request r's tiles start at program qsl[r] // BLOCK_Q + r (strictly increasing in r):
-        # find the last request starting at or before this program.
-        lo = pid * 0
-        hi = lo + num_reqs
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-            lo = tl.where(first <= pid, mid, lo)
-            hi = tl.where(first <= pid, hi, mid)
-        req = lo
-        tile = pid - (tl.load(qsl_ptr + req) // BLOCK_Q + req)
-    q_start = tl.load(qsl_ptr + req)
-    q_len = tl.load(qsl_ptr + req + 1) - q_start
-    if tile * BLOCK_Q >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + req)
+    """Query tokens tile*BLOCK_Q .. of request `req`, times the KV head's query heads."""
     context = seq_len - q_len
 
     rows = tl.arange(0, BLOCK_M)
@@ -224,6 +202,63 @@ def _paged_attention_kernel(
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no keys (seq_len 0): zeros
         o_ptr = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+    stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
+    num_reqs, block_size, qk_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ONE_TILE_PER_REQ: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    SMALL_Q: tl.constexpr, SMALL_M: tl.constexpr, SMALL_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if ONE_TILE_PER_REQ:
+        req = pid
+        tile = 0
+    else:
+        # Request r's tiles start at program qsl[r] // BLOCK_Q + r (strictly increasing in r):
+        # find the last request starting at or before this program.
+        lo = pid * 0
+        hi = lo + num_reqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+            lo = tl.where(first <= pid, mid, lo)
+            hi = tl.where(first <= pid, hi, mid)
+        req = lo
+        tile = pid - (tl.load(qsl_ptr + req) // BLOCK_Q + req)
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    if SMALL_Q > 0:
+        # Mixed launch: decodes (and other short queries) take the small tile, so they do
+        # not pay for BLOCK_M rows of tensor-core work each; their only tile is tile 0.
+        if q_len <= SMALL_Q:
+            _attend_tile(q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
+                         req, 0, q_start, q_len, seq_len, kv_head, split,
+                         stride_qt, stride_qh, stride_ot, stride_oh,
+                         stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+                         stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
+                         block_size, qk_scale, GROUP, GROUP_PAD, HEAD_SIZE,
+                         SMALL_Q, SMALL_M, SMALL_N, NUM_SPLITS, IEEE)
+            return
+    _attend_tile(q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
+                 req, tile, q_start, q_len, seq_len, kv_head, split,
+                 stride_qt, stride_qh, stride_ot, stride_oh,
+                 stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+                 stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
+                 block_size, qk_scale, GROUP, GROUP_PAD, HEAD_SIZE,
+                 BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS, IEEE)
 
 
 @triton.jit
@@ -311,6 +346,10 @@ def paged_attention(
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_SIZE=head_size,
         BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         ONE_TILE_PER_REQ=one_tile, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+        # Short queries of a mixed launch take the small tile (off when it is not smaller).
+        SMALL_Q=0 if one_tile or small.block_q > cfg.block_q else small.block_q,
+        SMALL_M=small.block_m,
+        SMALL_N=small.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
