@@ -5,6 +5,12 @@ positions `seq_lens[i] - q_len .. seq_lens[i] - 1`; each attends causally over i
 context. Rows after the last request's end (CUDA-graph padding) are never read or written,
 and a request with seq_len 0 writes zeros.
 
+Tiles (bf16, head size 128, GQA group 4; checked on sm_90 for register spills by
+tests/test_ops_compile.py): prefill 128 rows (32 tokens x 4 heads) x 64 keys, 8 warps, 2
+stages; decode 16 rows x 64 keys, 4 warps, 3 stages (head size 256: 64 rows, 32 keys).
+`paged_attention(decode_tile=..., prefill_tile=...)` overrides them; bench_ops --sweep times
+alternatives on the GPU.
+
 Kernel design. A program owns one tile of BLOCK_Q query tokens of one request times the
 GROUP query heads that share one KV head, packed into the M dimension (BLOCK_M = BLOCK_Q *
 GROUP_PAD rows), so each K/V tile is loaded once per KV head and feeds a `tl.dot`. It walks
@@ -15,7 +21,9 @@ below the tile's first query position skip the causal mask; only the diagonal ti
 Two shapes of launch:
 * mixed/prefill (`max_query_len` > the small tile): grid (num_tokens // BLOCK_Q + num_reqs,
   num_kv_heads). That bounds the tiles any split of the tokens into requests can need; each
-  program binary-searches `query_start_loc` for its request and exits if it has none.
+  program binary-searches `query_start_loc` for its request and exits if it has none. A
+  request whose query fits the small tile (a decode) takes the small-tile code path inside
+  the same kernel, so decodes mixed with prefills do not pay for 128-row dots.
 * small queries (decode, `max_query_len` <= BLOCK_Q of the small tile): grid (num_reqs,
   num_kv_heads, num_splits), one program per request. With num_splits > 1 ("flash
   decoding") each program takes one slice of the context and writes an unnormalised partial
@@ -27,7 +35,8 @@ the python ints `max_query_len` / `max_seq_len` / `num_splits`. For a captured g
 q.shape[0], the request count (pad it: padded requests get q_len 1 and seq_len 0),
 `max_query_len` and the split count constant across replays; pass `num_splits` explicitly
 (or a fixed `max_seq_len`, e.g. the model's maximum) so the heuristic cannot change it.
-Everything else (query_start_loc, seq_lens, block_table contents) may change freely.
+The tensors themselves must be the captured (static) buffers, with block_table's row stride
+fixed; their contents (query_start_loc, seq_lens, block_table, slots) may change freely.
 """
 
 from __future__ import annotations
