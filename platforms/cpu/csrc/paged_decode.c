@@ -3,7 +3,9 @@
  * Why: gathering each request's blocks into a padded tensor and then running SDPA reads the
  * cache, writes a copy, and reads the copy again. Decode attention is bound by memory
  * traffic, so reading each block once, in place, is the whole win. The query heads that share
- * a KV head are processed together so each key and value row is loaded once for all of them.
+ * a KV head are processed together so each key and value row is loaded once for all of them,
+ * and with enough requests one task takes all KV heads of a request, so its blocks are read
+ * front to back (measured 0.44 -> 0.30 ms for 64 decodes x 100 tokens, SmolLM2 shapes).
  * Loops walk block by block (no division per token), and the head size is a compile-time
  * constant for the common sizes so the dot products vectorize fully.
  *
@@ -15,22 +17,27 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define MAX_ROWS 64 /* query rows per task (heads_per_kv * KV heads of the task) */
+
 static inline __attribute__((always_inline)) void decode_one(const float *restrict qd, const float *restrict k_cache,
                               const float *restrict v_cache, const int32_t *restrict table,
+                              const int64_t *restrict koff,
                               int64_t seq_len, float *restrict out, int64_t group,
                               const int64_t head_size, int64_t block_size,
                               int64_t token_stride, int64_t block_stride, float scale,
                               float *restrict scores /* [group * seq_len] */,
                               float *restrict acc /* [group * head_size] */) {
-  float maxes[16], sums[16];
+  /* `group` is the number of query rows handled here: heads_per_kv rows for each of the KV
+   * heads in this task; row r reads KV head r / heads_per_kv at offset koff[r]. */
+  float maxes[MAX_ROWS], sums[MAX_ROWS];
   for (int64_t r = 0; r < group; ++r) maxes[r] = -INFINITY;
   for (int64_t start = 0, b = 0; start < seq_len; start += block_size, ++b) {
     const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
     const float *kb = k_cache + (int64_t)table[b] * block_stride;
     for (int64_t s = 0; s < n; ++s) {
-      const float *k = kb + s * token_stride;
+      const float *k0 = kb + s * token_stride;
       for (int64_t r = 0; r < group; ++r) {
-        const float *qr = qd + r * head_size;
+        const float *qr = qd + r * head_size, *k = k0 + koff[r];
         float dot = 0.f;
         for (int64_t i = 0; i < head_size; ++i) dot += qr[i] * k[i];
         dot *= scale;
@@ -54,9 +61,9 @@ static inline __attribute__((always_inline)) void decode_one(const float *restri
     const int64_t n = seq_len - start < block_size ? seq_len - start : block_size;
     const float *vb = v_cache + (int64_t)table[b] * block_stride;
     for (int64_t s = 0; s < n; ++s) {
-      const float *v = vb + s * token_stride;
+      const float *v0 = vb + s * token_stride;
       for (int64_t r = 0; r < group; ++r) {
-        const float p = scores[r * seq_len + start + s];
+        const float p = scores[r * seq_len + start + s], *v = v0 + koff[r];
         float *ar = acc + r * head_size;
         for (int64_t i = 0; i < head_size; ++i) ar[i] += p * v[i];
       }
@@ -68,39 +75,51 @@ static inline __attribute__((always_inline)) void decode_one(const float *restri
   }
 }
 
-/* Returns 0 on success, -1 if a KV head has more than 16 query heads (caller falls back). */
+/* Returns 0 on success, -1 if a KV head has more than MAX_ROWS query heads (caller falls
+ * back). One task is one request and a run of its KV heads: all of them when there are enough
+ * requests to keep every thread busy, so each cache block is read front to back in one pass
+ * (a task per KV head reads a slice of every row, and the prefetcher fetches the rest of each
+ * row for nothing); one KV head per task when there are few requests, to use every thread. */
 int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
                      const int32_t *block_tables, int64_t table_stride,
                      const int32_t *seq_lens, float *out, int64_t num_decodes,
                      int64_t num_heads, int64_t num_kv_heads, int64_t head_size,
                      int64_t block_size, float scale, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
-  if (group > 16) return -1;
+  if (group > MAX_ROWS) return -1;
   const int64_t token_stride = num_kv_heads * head_size; /* one slot of a block */
   const int64_t block_stride = block_size * token_stride;
+  int64_t heads_per_task = MAX_ROWS / group;
+  if (heads_per_task > num_kv_heads) heads_per_task = num_kv_heads;
+  if (num_decodes < 4 * (int64_t)num_threads) heads_per_task = 1;
+  const int64_t tasks_per_decode = (num_kv_heads + heads_per_task - 1) / heads_per_task;
 
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t d = 0; d < num_decodes; ++d) {
-    for (int64_t g = 0; g < num_kv_heads; ++g) {
-      const int64_t seq_len = seq_lens[d];
-      float *scores = (float *)malloc(sizeof(float) * (group * seq_len + group * head_size));
-      float *acc = scores + group * seq_len;
-      const int32_t *table = block_tables + d * table_stride;
-      const float *qd = q + (d * num_heads + g * group) * head_size;
-      float *o = out + (d * num_heads + g * group) * head_size;
-      const float *kc = k_cache + g * head_size, *vc = v_cache + g * head_size;
-      /* Constant head sizes let the compiler unroll and vectorize the inner loops. */
-      if (head_size == 64)
-        decode_one(qd, kc, vc, table, seq_len, o, group, 64, block_size, token_stride,
-                   block_stride, scale, scores, acc);
-      else if (head_size == 128)
-        decode_one(qd, kc, vc, table, seq_len, o, group, 128, block_size, token_stride,
-                   block_stride, scale, scores, acc);
-      else
-        decode_one(qd, kc, vc, table, seq_len, o, group, head_size, block_size, token_stride,
-                   block_stride, scale, scores, acc);
-      free(scores);
-    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t task = 0; task < num_decodes * tasks_per_decode; ++task) {
+    const int64_t d = task / tasks_per_decode;
+    const int64_t g0 = (task % tasks_per_decode) * heads_per_task;
+    const int64_t heads = num_kv_heads - g0 < heads_per_task ? num_kv_heads - g0 : heads_per_task;
+    const int64_t rows = heads * group;
+    int64_t koff[MAX_ROWS];
+    for (int64_t r = 0; r < rows; ++r) koff[r] = (r / group) * head_size;
+    const int64_t seq_len = seq_lens[d];
+    float *scores = (float *)malloc(sizeof(float) * (rows * seq_len + rows * head_size));
+    float *acc = scores + rows * seq_len;
+    const int32_t *table = block_tables + d * table_stride;
+    const float *qd = q + (d * num_heads + g0 * group) * head_size;
+    float *o = out + (d * num_heads + g0 * group) * head_size;
+    const float *kc = k_cache + g0 * head_size, *vc = v_cache + g0 * head_size;
+    /* Constant head sizes let the compiler unroll and vectorize the inner loops. */
+    if (head_size == 64)
+      decode_one(qd, kc, vc, table, koff, seq_len, o, rows, 64, block_size, token_stride,
+                 block_stride, scale, scores, acc);
+    else if (head_size == 128)
+      decode_one(qd, kc, vc, table, koff, seq_len, o, rows, 128, block_size, token_stride,
+                 block_stride, scale, scores, acc);
+    else
+      decode_one(qd, kc, vc, table, koff, seq_len, o, rows, head_size, block_size,
+                 token_stride, block_stride, scale, scores, acc);
+    free(scores);
   }
   return 0;
 }
