@@ -82,8 +82,10 @@ class MultiprocExecutor(Executor):
                 [sys.executable, "-c", _WORKER_ENTRY, address, f"ipc://{self._ipc_dir}/out",
                  str(rank), str(os.getpid())],
             ))
-            inbox.send(pickle.dumps((config, platform.name, init_method, num_threads)))
+        start = pickle.dumps((config, platform.name, init_method, num_threads))
         try:
+            for inbox in self._inboxes:
+                self._send(inbox, start, "start")
             self._collect("start")  # every worker answers once its groups exist
         except Exception:
             self.shutdown()
@@ -98,8 +100,21 @@ class MultiprocExecutor(Executor):
             raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for inbox in self._inboxes:
-            inbox.send(message)
+            self._send(inbox, message, method)
         return self._collect(method)
+
+    def _send(self, inbox: Any, message: bytes, method: str) -> None:
+        """Send without blocking on a dead peer (a PUSH socket whose peer is gone would
+        wait forever): retry while every worker is alive."""
+        import zmq
+
+        while True:
+            try:
+                inbox.send(message, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self._check_alive(method)
+                inbox.poll(_POLL_MS, zmq.POLLOUT)
 
     def _collect(self, method: str) -> list[Any]:
         results: dict[int, Any] = {}
@@ -150,9 +165,14 @@ class MultiprocExecutor(Executor):
         if not self._finalizer.alive:
             return
         if self._failure is None:
+            import zmq
+
             message = pickle.dumps((SHUTDOWN, ()))
             for inbox in self._inboxes:
-                inbox.send(message)
+                try:
+                    inbox.send(message, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # that worker is gone; the finalizer below makes sure
             deadline = time.monotonic() + _SHUTDOWN_GRACE_S
             for proc in self.procs:
                 try:

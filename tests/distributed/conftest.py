@@ -52,7 +52,7 @@ def assert_same_generation(a, b, atol: float = 1e-3) -> None:
         for step_a, step_b in zip(seq_a, seq_b, strict=True):
             assert set(step_a) == set(step_b)
             for token in step_a:
-                assert abs(_value(step_a[token]) - _value(step_b[token])) < atol
+                assert abs(_value(step_a[token]) - _value(step_b[token])) <= atol
 
 
 def _value(entry) -> float:
