@@ -29,17 +29,24 @@ def tiny_llama_kv1(tmp_path_factory, smollm2_tokenizer) -> str:
     return str(directory)
 
 
-def run_engine(model: str, tp: int, prompts=PROMPTS, max_tokens: int = 8, **kwargs):
-    """(token lists, top-5 logprob dicts per token) of greedy generation, engine shut down."""
+def run_engine(model: str, tp: int, prompts=PROMPTS, max_tokens: int = 8, sample: bool = False,
+               **kwargs):
+    """(token lists, top-5 logprob dicts per token) of greedy generation (then, with `sample`,
+    the tokens of unseeded random sampling appended), engine shut down."""
     llm = LLM(model, tensor_parallel_size=tp, num_kv_blocks=64, max_model_len=256,
               max_num_seqs=8, **kwargs)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
     try:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5),
-                            use_tqdm=False)
+        outs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                   logprobs=5), use_tqdm=False)
+        # Unseeded sampling draws from each rank's default generator: if ranks drew
+        # differently they would feed different tokens to the next step (garbage, no error).
+        sampled = llm.generate(inputs, SamplingParams(temperature=1.0, max_tokens=max_tokens),
+                               use_tqdm=False) if sample else []
     finally:
         llm.core.shutdown()
     tokens = [list(o.outputs[0].token_ids) for o in outs]
+    tokens += [list(o.outputs[0].token_ids) for o in sampled]
     logprobs = [o.outputs[0].logprobs for o in outs]
     return tokens, logprobs
 

@@ -11,10 +11,11 @@ from tests.distributed.conftest import assert_same_generation, run_engine
 def test_tp2_equals_tp1_when_kv_heads_fewer_than_ranks(tiny_llama_kv1):
     """num_key_value_heads=1 < TP=2: the KV head is replicated; weights load from safetensors,
     sharded while loading."""
-    single = run_engine(tiny_llama_kv1, tp=1)
-    split = run_engine(tiny_llama_kv1, tp=2)
+    single = run_engine(tiny_llama_kv1, tp=1, sample=True)
+    split = run_engine(tiny_llama_kv1, tp=2, sample=True)
     assert_same_generation(single, split)
     assert all(len(t) == 8 for t in single[0])
+    assert single[0][3:] != single[0][:3]  # the sampled half is not greedy
 
 
 def test_tp3_equals_tp1_on_smollm2_gguf(smollm2):
@@ -42,3 +43,17 @@ def test_unavailable_parallel_modes_are_refused_with_the_flag(tiny_llama_kv1):
     assert config.parallel.distributed_executor_backend == "mp"
     assert EngineArgs(model=tiny_llama_kv1).create_config().parallel.distributed_executor_backend \
         == "uniproc"
+
+
+def test_parallel_flags_reach_engine_args():
+    import argparse
+
+    from engine.entrypoints.args import add_engine_args, engine_args_from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    ns = parser.parse_args(["-tp", "2", "--distributed-executor-backend", "mp"])
+    args = engine_args_from_namespace(ns, model="m")
+    assert (args.tensor_parallel_size, args.distributed_executor_backend) == (2, "mp")
+    with pytest.raises(SystemExit):  # not a known backend
+        parser.parse_args(["--distributed-executor-backend", "threads"])
