@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu_check.sh [WHEELHOUSE] [STAGE...]
 #     WHEELHOUSE  folder of wheels (default: $WHEELHOUSE, else ./wheelhouse)
-#     STAGE       install | tests | latency | throughput | all (default: all); install always
+#     STAGE       install | smoke | tests | latency | throughput | all (default: all); install always
 #                 runs first. Split the stages over several calls where one call is time-boxed.
 #   env: PYTHON (default python3), NUM_PROMPTS (1000), HF_NUM_PROMPTS (32), PYTEST_ARGS,
 #        BENCH_ARGS (extra flags for both benchmarks, e.g. "--gpu-memory-utilization 0.8")
@@ -66,6 +66,14 @@ export PYTHONPATH="$ROOT:$ROOT/plugins/cuda${PYTHONPATH:+:$PYTHONPATH}"
 ENGINE=("$PY" -m engine.entrypoints.cli)
 "${ENGINE[@]}" plugins 2>&1 | tee "$LOG/plugins.txt"
 status=0
+
+# ---- smoke: platform kits, graphs vs eager, attention kernel timings --------------------------
+if want smoke; then
+  "$PY" plugins/cuda/scripts/gpu_smoke.py 2>&1 | tee "$LOG/smoke.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  "$PY" -m engine_cuda.ops.bench_ops 2>&1 | tee "$LOG/bench_ops.log"
+  say "smoke: $(grep -cE 'PASS' "$LOG/smoke.log") PASS, $(grep -cE 'FAIL' "$LOG/smoke.log") FAIL"
+fi
 
 # ---- tests ---------------------------------------------------------------------------------
 if want tests; then

@@ -41,7 +41,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
 LM_HEAD_SCALE = 8.0
 NUM_PROMPTS, OUTPUT_LEN = 8, 12
 NEAR_TIE = {torch.float32: 1e-4, torch.bfloat16: 0.01}  # x the std of the step's logits
-LOGPROB_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.15}
+# bf16 logits are rounded to 8 bits of mantissa: with the head scaled up (logits of 16-32),
+# one ulp is 0.125-0.25, and both sides round independently (measured on an H200: 0.29 on
+# the 8B shape with tokens equal). fp32 is where logprobs are held tight.
+LOGPROB_ATOL = {torch.float32: 2e-3, torch.bfloat16: 0.5}
 # Share of all steps that must fall before a near-tie (so be compared): a run where ties cut
 # most prompts short says nothing, and fails.
 MIN_COMPARED = {torch.float32: 0.9, torch.bfloat16: 0.5}
