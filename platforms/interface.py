@@ -22,6 +22,7 @@ The concerns, each a small group of methods below:
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ PLATFORM_API_VERSION = 2
 #   2  graph_runner replaces compile_model; communicator, kernel_overrides, create_event,
 #      supported_head_sizes and distributed_backend added.
 #   Optional additions within 2 (defaults keep older plugins working): scheduling_constraints
-#   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes.
+#   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes,
+#   inference_context (the no-grad mode a step runs under; XLA needs no_grad).
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,18 @@ class Platform(abc.ABC):
                 return torch.cuda.max_memory_reserved()
         """
         return 0
+
+    def inference_context(self) -> contextlib.AbstractContextManager[Any]:
+        """The no-grad mode the model runner runs each step (and capture) under.
+
+        Default `torch.inference_mode()`, the cheapest. A platform whose tensors cannot be
+        inference tensors returns `torch.no_grad()`. Example (torch_xla, whose
+        functionalization rejects inference tensors)::
+
+            def inference_context(self):
+                return torch.no_grad()
+        """
+        return torch.inference_mode()
 
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device

@@ -139,8 +139,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # ---- one step ----
-    @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        with self.platform.inference_context():
+            return self._execute_model(out)
+
+    def _execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.input_batch.update(out)
         if out.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
@@ -228,7 +231,7 @@ class ModelRunner:
         self.input_batch.update(
             SchedulerOutput([], [], {}, 0, finished_req_ids={req.req_id})
         )
-        with torch.inference_mode():
+        with self.platform.inference_context():
             self.forward.capture(self.dummy_decode_batch)
         self.platform.synchronize()
 
