@@ -82,7 +82,7 @@ def check_graph_runner(
     for batch in batches:
         ids, positions, common = _batch(batch, block_size, num_blocks, runner.device, gen,
                                         config.model.vocab_size)
-        with torch.inference_mode():
+        with platform.inference_context():
             metadata = runner.attn_backend.build_metadata(common)
             got = graph_runner(ids, positions, metadata)
             metadata = runner.attn_backend.build_metadata(common)

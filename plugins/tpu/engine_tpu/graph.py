@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from engine_tpu.buckets import BucketLimits, bucket_for, decode_buckets
+from platforms.buckets import BucketLimits, bucket_for, decode_buckets
 from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
 from platforms.static_attention import StaticAttentionMetadata, StepShape
 
@@ -58,8 +58,9 @@ class XlaBucketRunner(GraphRunner):
              metadata: StaticAttentionMetadata) -> torch.Tensor:
         num_real = metadata.common.num_actual_tokens
         pad = shape.num_tokens - num_real
-        # XLA's functionalization cannot take inference tensors (the model runner steps in
-        # inference_mode): the padded inputs are made, and the forward runs, under no_grad.
+        # XLA's functionalization cannot take inference tensors: the model runner steps under
+        # the platform's no_grad (`inference_context`), and a caller that still wraps the
+        # runner in inference_mode (a benchmark) gets it lifted for the padded forward.
         with torch.inference_mode(False), torch.no_grad():
             ids = torch.nn.functional.pad(input_ids[:num_real], (0, pad))
             pos = torch.nn.functional.pad(positions[:num_real], (0, pad))

@@ -9,6 +9,7 @@ device (tests); otherwise a TPU must be present.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from engine_tpu.buckets import BucketLimits, num_programs
+from platforms.buckets import BucketLimits, num_programs
 from platforms.interface import AttentionBackend, AttentionSpec, ModelForward, Platform
 from platforms.static_attention import StaticPagedAttentionBackend
 
@@ -99,6 +100,11 @@ class TpuPlatform(Platform):
             return config.cache.kv_cache_memory
         free, _ = self.memory_info()
         return int(free * config.cache.gpu_memory_utilization) - model_bytes
+
+    def inference_context(self) -> contextlib.AbstractContextManager:
+        # torch_xla's functionalization cannot take inference tensors: logits and sampling
+        # run outside the bucket runner's forward, so the whole step runs under no_grad.
+        return torch.no_grad()
 
     # ---- config ----
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -5,14 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_tpu.buckets import (
+
+from platforms.buckets import (
     BucketLimits,
     bucket_for,
     decode_buckets,
     num_programs,
     powers_of_two,
 )
-
 from platforms.static_attention import StepShape
 
 LIMITS = BucketLimits(max_num_seqs=6, max_num_batched_tokens=100, max_blocks_per_req=9)

@@ -1,9 +1,11 @@
-"""Padded shape buckets: the TPU plugin's capture strategy.
+"""Padded shape buckets: the capture strategy of static-graph platforms (TPU/XLA, Gaudi HPU
+graphs), offered with the contract like `platforms.static_attention`.
 
-Rule: pure functions of the configuration. XLA compiles one program per input shape, so
-every step is padded up to a bucket: request count and longest chunk of new tokens to powers
-of two, blocks per request to a power of two. The set of buckets is finite and known at
-startup, so once each has run, no step compiles again.
+Rule: pure functions of the configuration. A static-graph compiler builds one program per
+input shape, so every step is padded up to a bucket: request count and longest chunk of new
+tokens to powers of two (chunks at least `min_query`), blocks per request to a power of two.
+The set of buckets is finite and known at startup, so once each has run, no step compiles
+again.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from platforms.static_attention import StepShape
 
-MIN_QUERY_BUCKET = 16  # a prefill chunk pads to at least this many tokens
+MIN_QUERY_BUCKET = 16  # default: a prefill chunk pads to at least this many tokens
 
 
 def next_power_of_two(n: int) -> int:
@@ -34,12 +36,13 @@ class BucketLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_blocks_per_req: int  # ceil(max_model_len / block_size)
+    min_query: int = MIN_QUERY_BUCKET  # smallest prefill bucket (decodes are 1)
 
     @classmethod
-    def from_config(cls, config) -> BucketLimits:
+    def from_config(cls, config, min_query: int = MIN_QUERY_BUCKET) -> BucketLimits:
         sched = config.scheduler
         return cls(sched.max_num_seqs, sched.max_num_batched_tokens,
-                   -(-sched.max_model_len // config.cache.block_size))
+                   -(-sched.max_model_len // config.cache.block_size), min_query)
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:
@@ -47,7 +50,7 @@ class BucketLimits:
 
     @property
     def query_buckets(self) -> tuple[int, ...]:
-        return (1, *powers_of_two(MIN_QUERY_BUCKET, self.max_num_batched_tokens))
+        return (1, *powers_of_two(self.min_query, self.max_num_batched_tokens))
 
     @property
     def block_buckets(self) -> tuple[int, ...]:

@@ -1,0 +1,161 @@
+"""The Intel Gaudi platform over habana_frameworks: `hpu` device, HPU graphs on padded shape
+buckets, static-shape paged attention, HCCL collectives.
+
+Rule: nothing imports habana_frameworks at discovery unless it is installed (`is_available`
+finds the package first, then asks it for a device); the device, events, graphs and the
+communicator import it when built. Without a Gaudi this platform is never selected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+from platforms.buckets import BucketLimits, num_programs
+from platforms.interface import (
+    AttentionBackend,
+    AttentionSpec,
+    Communicator,
+    DeviceEvent,
+    ModelForward,
+    Platform,
+    TorchDistributedCommunicator,
+)
+from platforms.static_attention import StaticPagedAttentionBackend
+
+# Gaudi's matrix engines work on 128-wide tiles: prefill chunks pad to at least 128 tokens.
+MIN_QUERY_BUCKET = 128
+MAX_GRAPHS = 512  # each HPU graph holds its own device memory
+
+
+def _hpu():
+    import habana_frameworks.torch as ht
+
+    return ht.hpu
+
+
+def hpu_available() -> bool:
+    if importlib.util.find_spec("habana_frameworks") is None:
+        return False
+    try:
+        return bool(_hpu().is_available())
+    except (ImportError, RuntimeError):  # a broken install counts as absent
+        return False
+
+
+class HpuEvent(DeviceEvent):
+    """An HPU event with timing, recorded on the current stream."""
+
+    def __init__(self) -> None:
+        self._event = _hpu().Event(enable_timing=True)
+
+    def record(self) -> None:
+        self._event.record()
+
+    def synchronize(self) -> None:
+        self._event.synchronize()
+
+    def elapsed_ms(self, end: DeviceEvent) -> float:
+        if not isinstance(end, HpuEvent):
+            raise TypeError(f"elapsed_ms needs another HpuEvent, got {type(end).__name__}.")
+        return float(self._event.elapsed_time(end._event))
+
+
+class HcclCommunicator(TorchDistributedCommunicator):
+    """torch.distributed over Habana's HCCL backend (registered by importing its module)."""
+
+    def __init__(self, group) -> None:
+        import habana_frameworks.torch.distributed.hccl  # noqa: F401  (registers "hccl")
+
+        super().__init__(group)
+
+
+class GaudiPlatform(Platform):
+    name = "gaudi"
+    device_type = "hpu"
+    priority = 80
+    supports_graph_capture = True
+    supported_dtypes = (torch.bfloat16, torch.float32)
+    distributed_backend = "hccl"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return hpu_available()
+
+    # ---- device & memory ----
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("hpu", local_rank)
+
+    def device_count(self) -> int:
+        return int(_hpu().device_count())
+
+    def set_device(self, device: torch.device) -> None:
+        _hpu().set_device(device)
+
+    def memory_info(self) -> tuple[int, int]:
+        hpu = _hpu()
+        if hasattr(hpu, "mem_get_info"):
+            free, total = hpu.mem_get_info()
+            return int(free), int(total)
+        stats = hpu.memory_stats()
+        return int(stats["Limit"]) - int(stats["InUse"]), int(stats["Limit"])
+
+    def synchronize(self) -> None:
+        _hpu().synchronize()
+
+    def create_event(self) -> DeviceEvent:
+        return HpuEvent()
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        # Per-request seeded sampling draws on the host (no HPU torch.Generator is assumed).
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        return gen
+
+    # ---- config ----
+    def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
+    def bucket_limits(self, config) -> BucketLimits:
+        return BucketLimits.from_config(config, min_query=MIN_QUERY_BUCKET)
+
+    def validate(self, config) -> list[str]:
+        problems = super().validate(config)
+        count = num_programs(self.bucket_limits(config))
+        if count > MAX_GRAPHS:
+            problems.append(
+                f"{count} shape buckets could be captured as HPU graphs (batch x chunk x "
+                f"blocks), more than {MAX_GRAPHS}; lower --max-num-seqs, "
+                "--max-num-batched-tokens or --max-model-len.")
+        return problems
+
+    # ---- factories ----
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        return StaticPagedAttentionBackend(spec)
+
+    def graph_factory(self, config):
+        """HPU graphs, or eager replay on the same buffers with --enforce-eager."""
+        from engine_gaudi.graph import EagerReplay, HpuGraph
+
+        return EagerReplay if config.enforce_eager else HpuGraph
+
+    def graph_runner(self, forward: ModelForward, config):
+        from engine_gaudi.graph import HpuGraphBucketRunner
+
+        return HpuGraphBucketRunner(forward, config, self.bucket_limits(config),
+                                    self.graph_factory(config))
+
+    def communicator(self, group) -> Communicator:
+        return HcclCommunicator(group)
+
+    def describe(self) -> dict[str, Optional[str]]:
+        info = super().describe()
+        info.update({
+            "graph_capture": (f"HPU graphs per padded bucket (batch, chunk >= "
+                              f"{MIN_QUERY_BUCKET}, blocks: powers of 2)"),
+            "attention": "static-shape paged (platforms.static_attention)",
+            "collectives": "hccl",
+        })
+        return info
