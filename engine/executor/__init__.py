@@ -8,7 +8,8 @@ from platforms.interface import Platform
 
 
 def make_executor(config: EngineConfig, platform: Platform) -> Executor:
-    """`uniproc` for one device in this process, `mp` for one process per device."""
+    """`uniproc` for one device in this process, `mp` for one process per device on this
+    host, `ray` for one Ray actor per device on a Ray cluster."""
     parallel = config.parallel
     backend = parallel.distributed_executor_backend
     if backend == "uniproc":
@@ -25,6 +26,10 @@ def make_executor(config: EngineConfig, platform: Platform) -> Executor:
         from engine.executor.mp import MultiprocExecutor
 
         return MultiprocExecutor(config, platform)
+    if backend == "ray":
+        from engine.executor.ray import RayExecutor
+
+        return RayExecutor(config, platform)
     raise ValueError(
         f"--distributed-executor-backend {backend!r} is not available yet; use 'mp' "
         "(one host) or 'uniproc'."

@@ -11,9 +11,11 @@ from platforms.interface import Platform
 
 class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: Platform) -> None:
-        platform.set_device(platform.device(0))
+        # Data-parallel replica k (one device each) takes device k of this host.
+        local_rank = config.parallel.data_parallel_rank
+        platform.set_device(platform.device(local_rank))
         platform.seed_everything(config.seed)
-        self.runner = ModelRunner(config, platform)
+        self.runner = ModelRunner(config, platform, local_rank=local_rank)
 
     def load_model(self) -> None:
         self.runner.load_model()

@@ -34,20 +34,26 @@ READY = "ready"
 
 
 class Worker:
-    """Rank `rank` of one engine on this host (local rank = rank: one host per world)."""
+    """Rank `rank` of one engine. Its device is `local_rank`: by default the rank's place
+    among this host's devices (data-parallel replica `dp_rank` takes the `world_size`
+    devices after the previous replicas'); the Ray executor passes 0, as Ray shows each
+    actor only the device it granted."""
 
     def __init__(self, config: EngineConfig, platform: Platform, rank: int,
-                 init_method: str) -> None:
+                 init_method: str, local_rank: Optional[int] = None) -> None:
         parallel = config.parallel
         layout = RankLayout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
         self.rank = rank
-        platform.set_device(platform.device(rank))
+        if local_rank is None:
+            local_rank = parallel.data_parallel_rank * parallel.world_size + rank
+        platform.set_device(platform.device(local_rank))
         self.groups: Optional[ParallelGroups] = ParallelGroups(platform, layout, rank,
                                                                init_method)
         # Same seed on every rank: unseeded sampling draws the same noise everywhere, and
         # logits are gathered to every rank, so every rank appends the same tokens.
         platform.seed_everything(config.seed)
-        self.runner = ModelRunner(config, platform, self.groups.context, local_rank=rank)
+        self.runner = ModelRunner(config, platform, self.groups.context,
+                                  local_rank=local_rank)
         self.is_driver = rank == 0  # the rank whose outputs the executor returns
 
     def load_model(self) -> None:

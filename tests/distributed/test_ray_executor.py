@@ -1,0 +1,102 @@
+"""The Ray executor on a local Ray cluster started here (CPU bundles, gloo): TP=2 on Ray
+equals TP=1; a killed actor fails the engine in seconds with its rank; shutdown kills the
+actors and removes the placement group; a cluster too small fails with what it lacked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine.executor.ray import _rank_order
+from tests.distributed.conftest import assert_same_generation, run_engine
+
+ray = pytest.importorskip(
+    "ray", reason="Ray is not installed: pip install 'engine[ray]' (scripts/setup.sh does)"
+)
+
+# Logical CPUs of the test cluster: a TP=2 engine fits (one CPU bundle per rank), a TP=4
+# engine does not.
+_CLUSTER_CPUS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=_CLUSTER_CPUS, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_tp2_on_ray_equals_tp1(ray_cluster, tiny_llama_kv1):
+    single = run_engine(tiny_llama_kv1, tp=1)
+    on_ray = run_engine(tiny_llama_kv1, tp=2, distributed_executor_backend="ray")
+    assert_same_generation(single, on_ray)
+    assert all(len(t) == 8 for t in single[0])
+
+
+def test_killed_actor_fails_the_engine_in_seconds_and_shutdown_cleans_up(ray_cluster,
+                                                                        tiny_llama_kv1):
+    from engine.entrypoints.llm import LLM
+    from engine.executor.mp import WorkerDiedError
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(tiny_llama_kv1, tensor_parallel_size=2, distributed_executor_backend="ray",
+              num_kv_blocks=32, max_model_len=128, load_format="dummy")
+    executor = llm.core.executor
+    pids = [pid for _, pid in executor.placement]
+    pg_id = executor._pg.id.hex()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    try:
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+        os.kill(pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=f"worker rank 1 .*pid {pids[1]}.* died"):
+            llm.generate([[4, 5, 6]], params, use_tqdm=False)
+        assert time.monotonic() - start < 15
+        with pytest.raises(WorkerDiedError, match="failed earlier"):  # stays failed
+            llm.core.executor.execute_model(None)
+    finally:
+        llm.core.shutdown()
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_pid_alive(p) for p in pids)
+    state = ray.util.placement_group_table()[pg_id]["state"]
+    assert state == "REMOVED"
+    # Every CPU is free again for the next engine.
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS
+
+
+def test_cluster_too_small_fails_with_what_it_lacked(ray_cluster, tiny_llama_kv1, monkeypatch):
+    from engine.entrypoints.llm import LLM
+
+    monkeypatch.setenv("ENGINE_RAY_PLACEMENT_TIMEOUT_S", "2")
+    with pytest.raises(RuntimeError, match=r"did not grant 4 bundles of \{'CPU': 1.0\}"):
+        LLM(tiny_llama_kv1, tensor_parallel_size=4, distributed_executor_backend="ray",
+            num_kv_blocks=32, max_model_len=128, load_format="dummy")
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS  # nothing left reserved
+
+
+def test_ranks_are_grouped_by_node_first_bundle_first():
+    assert _rank_order(["a", "a"]) == [0, 1]
+    assert _rank_order(["b", "a", "b", "a"]) == [0, 2, 1, 3]
+    assert _rank_order(["a", "b", "c", "b"]) == [0, 1, 3, 2]
