@@ -107,7 +107,9 @@ class EngineArgs(BaseModel):
         1, ge=1, description="Stages the layers are split into (not available yet: 1 only)."
     )
     data_parallel_size: int = Field(
-        1, ge=1, description="Engine replicas behind one server (not available yet: 1 only)."
+        1, ge=1, description="Engine replicas (each its own core process and "
+        "tensor_parallel_size x pipeline_parallel_size devices) behind one server or LLM; "
+        "requests go to the replica with the fewest unfinished ones."
     )
     distributed_executor_backend: Optional[ExecutorBackend] = Field(
         None,

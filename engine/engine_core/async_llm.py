@@ -73,10 +73,11 @@ class AsyncLLM:
         """Launch the core first, then resolve the config and load the tokenizer here while
         the core loads the model; return once the core is ready. Raises ValueError for a
         bad configuration, RuntimeError when the core fails to start."""
+        from engine.engine_core.dp import make_async_client
         from engine.tokenizer import load_tokenizer
 
         t0 = time.perf_counter()
-        client = AsyncMPClient(engine_args, log_level=log_level)
+        client = make_async_client(engine_args, log_level)  # one core, or one per dp rank
         timings: dict[str, float] = {}
         try:
             config = engine_args.create_config()
@@ -96,10 +97,7 @@ class AsyncLLM:
         if on_death is not None:
             self._on_death.append(on_death)
         self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
-        process = self.client.handle.process
-        self.client.watch_death(
-            lambda: self._mark_dead(f"the engine core process exited (code {process.exitcode})")
-        )
+        self.client.watch_death(lambda: self._mark_dead(self.client.death_reason()))
 
     @property
     def is_alive(self) -> bool:

@@ -187,6 +187,9 @@ class AsyncMPClient(_MPClientBase):
 
         loop.add_reader(sentinel, _fire)
 
+    def death_reason(self) -> str:
+        return f"the engine core process exited (code {self.handle.process.exitcode})"
+
     def _check_alive(self) -> None:
         if not self.is_alive:
             raise EngineDeadError(f"Engine core exited (code {self.handle.process.exitcode}).")

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from tqdm.auto import tqdm
 
 from engine.config import EngineArgs
+from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.core import EngineCore
 from engine.engine_core.inproc import InprocClient
 from engine.inputs import InputProcessor
@@ -41,8 +42,14 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         config = self.engine_args.create_config()
         self.tokenizer = load_tokenizer(config.model)
-        self.core = EngineCore(config)
-        self.config = self.core.config
+        self.core: Optional[EngineCore] = None
+        self.client: EngineCoreClient
+        if config.parallel.data_parallel_size > 1:
+            self.client, self.config = _start_replicas(config)
+        else:
+            self.core = EngineCore(config)
+            self.config = self.core.config
+            self.client = InprocClient(self.core)
         model_config = self.config.model
         self.input_processor = InputProcessor(
             self.tokenizer,
@@ -52,7 +59,6 @@ class LLM:
             chat_template=model_config.chat_template,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.client = InprocClient(self.core)
         self.eos_token_id = resolve_eos_token_id(model_config, self.tokenizer)
         self._counter = itertools.count()
         self._totals: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -133,13 +139,23 @@ class LLM:
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
 
     def reset_prefix_cache(self) -> bool:
+        if self.core is None:
+            return self.client.call_utility("reset_prefix_cache")
         return self.core.reset_prefix_cache()
 
     def get_metrics(self) -> dict[str, float]:
         """Counters since this LLM started (prefix-cache queries/hits in tokens, preemptions,
-        prompt and generation tokens) and the current KV-cache usage."""
-        usage = self.core.scheduler.kv_cache.usage
+        prompt and generation tokens) and the current KV-cache usage (the mean over
+        data-parallel replicas, as of their last step)."""
+        if self.core is None:
+            usage = self.client.latest_stats.kv_cache_usage
+        else:
+            usage = self.core.scheduler.kv_cache.usage
         return {**self._totals, "kv_cache_usage": usage}
+
+    def shutdown(self) -> None:
+        """Stop the engine: its workers, or its core processes with data parallelism."""
+        self.client.shutdown()
 
     # ---- internals ----
     def _params_for(self, prompts: list, params: Any) -> list[SamplingParams]:
@@ -180,6 +196,19 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _start_replicas(config: Any) -> tuple[Any, Any]:
+    """A client over `data_parallel_size` core processes, ready, and the config as the
+    cores resolve it for their platform."""
+    from engine.engine_core.core import resolve_for_platform
+    from engine.engine_core.dp import DPSyncClient
+    from platforms.registry import select_platform
+
+    resolved = resolve_for_platform(config, select_platform(config.device))
+    client = DPSyncClient(config)
+    client.wait_until_ready()
+    return client, resolved
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

@@ -72,7 +72,9 @@ class MultiprocExecutor(Executor):
         self._failure: Optional[str] = None
         self._finalizer = weakref.finalize(self, _stop_processes, self.procs, self._ipc_dir)
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        num_threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        # Host threads shared by every worker of every data-parallel replica on this host.
+        num_threads = max(1, (os.cpu_count() or 1) //
+                          (self.world_size * config.parallel.data_parallel_size))
         for rank in range(self.world_size):
             inbox = self._ctx.socket(zmq.PUSH)
             address = f"ipc://{self._ipc_dir}/in{rank}"

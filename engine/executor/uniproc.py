@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from engine.config import EngineConfig
 from engine.executor.abstract import Executor
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
@@ -13,6 +17,9 @@ class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: Platform) -> None:
         # Data-parallel replica k (one device each) takes device k of this host.
         local_rank = config.parallel.data_parallel_rank
+        if config.parallel.data_parallel_size > 1:  # replicas share this host's threads
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) //
+                                      config.parallel.data_parallel_size))
         platform.set_device(platform.device(local_rank))
         platform.seed_everything(config.seed)
         self.runner = ModelRunner(config, platform, local_rank=local_rank)

@@ -86,9 +86,6 @@ def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
     if pp > 1:
         raise ValueError(f"--pipeline-parallel-size {pp}: pipeline parallelism is not "
                          "available yet; use --tensor-parallel-size to split the model.")
-    if dp > 1:
-        raise ValueError(f"--data-parallel-size {dp}: data parallelism is not available yet; "
-                         "run one engine per replica behind a load balancer.")
     problems = check_tensor_parallel(hf_config, tp)
     if problems:
         raise ValueError("The model cannot be split over --tensor-parallel-size "
