@@ -13,9 +13,11 @@ tensor-parallel peers (neighbouring ranks) share a host whenever the cluster all
 The rendezvous address is the rank 0 actor's node and a port free there.
 
 Ray is optional (`pip install 'engine[ray]'`); this module imports it only when an engine
-asks for `--distributed-executor-backend ray`. The engine connects to the cluster named by
-`RAY_ADDRESS` (or the local one already running, e.g. from `ray start` or the caller's
-`ray.init()`); with none, it starts a local Ray instance and stops it again on shutdown.
+asks for `--distributed-executor-backend ray`. Which cluster: the one this process already
+joined (`ray.init()` before `LLM(...)`); else `RAY_ADDRESS` (what `engine serve` on a
+multi-host cluster uses: the core runs in its own process); else one started on this host
+with `ray start`; else a new local Ray instance, stopped again on shutdown. Actors and the
+placement group belong to the engine-core process: if it dies, Ray removes them too.
 """
 
 from __future__ import annotations

@@ -100,3 +100,39 @@ def test_ranks_are_grouped_by_node_first_bundle_first():
     assert _rank_order(["a", "a"]) == [0, 1]
     assert _rank_order(["b", "a", "b", "a"]) == [0, 2, 1, 3]
     assert _rank_order(["a", "b", "c", "b"]) == [0, 1, 3, 2]
+
+
+def test_served_core_process_joins_the_cluster_at_ray_address(ray_cluster, tiny_llama_kv1,
+                                                              monkeypatch):
+    """`engine serve`'s path: the core runs in its own (daemonic) process, connects to the
+    cluster RAY_ADDRESS names (here the one this process started), and its actors run a
+    request there."""
+    from engine.config import EngineArgs
+    from engine.engine_core.messages import EngineCoreRequest
+    from engine.engine_core.mp_client import SyncMPClient
+    from engine.sampling_params import SamplingParams
+
+    args = EngineArgs(model=tiny_llama_kv1, tensor_parallel_size=2, num_kv_blocks=16,
+                      max_model_len=128, load_format="dummy", distributed_executor_backend="ray")
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    client = SyncMPClient(args, log_level="warning")
+    try:
+        client.wait_until_ready(timeout_s=300)
+        client.add_request(EngineCoreRequest(
+            "a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+            None, time.time()))
+        tokens: list[int] = []
+        while True:
+            outs = [o for o in client.get_output().outputs if o.request_id == "a"]
+            tokens += [t for o in outs for t in o.new_token_ids]
+            if any(o.finished for o in outs):
+                break
+        assert len(tokens) == 4
+        # The actors live in this process's cluster: two CPUs taken while it runs.
+        assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS - 2
+    finally:
+        client.shutdown()
+    deadline = time.monotonic() + 10  # the core's shutdown gave its bundles back
+    while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS
