@@ -31,6 +31,12 @@ class RankLayout:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def output_rank(self) -> int:
+        """The rank whose step outputs the engine uses: the first rank of the last pipeline
+        stage (the stage that samples)."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
     def coords(self, rank: int) -> tuple[int, int]:
         """(pp_rank, tp_rank) of a global rank."""
         if not 0 <= rank < self.world_size:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from engine.distributed import parallel_context
+from engine.distributed.pipeline import Stage
 from engine.models.layers.activation import SiluAndMul
 from engine.models.layers.attention import Attention
 from engine.models.layers.layernorm import RMSNorm
@@ -125,23 +127,47 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack, or one pipeline stage of it: layers outside the stage are empty
+    placeholders (never built or loaded, their indices kept so HF names still match), the
+    embedding lives on the first stage (and on the last when the head is tied to it), the
+    final norm on the last."""
+
     def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.stage = Stage.of(parallel_context(), config.num_hidden_layers)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_tokens: Optional[VocabParallelEmbedding] = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+            if self.stage.is_first or (self.stage.is_last and tied) else None
+        )
         theta, rope_params = rope_settings(config)
         rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
                                      theta, rope_params)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, backend, opts, rotary_emb)
-            for _ in range(config.num_hidden_layers)
+            if i in self.stage.layers else nn.Identity()
+            for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps)
+                     if self.stage.is_last else None)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
-                ) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Hidden states after the final norm on the last stage; (hidden, residual) for the
+        next stage on the others. A stage after the first takes the previous one's output
+        as `intermediate` instead of embedding `input_ids`."""
+        if self.stage.is_first:
+            assert self.embed_tokens is not None
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            assert intermediate is not None, "a later pipeline stage needs its input"
+            hidden, residual = intermediate
+        for i in self.stage.layers:
+            hidden, residual = self.layers[i](positions, hidden, residual, attn_metadata)
+        if self.norm is None:
+            assert residual is not None
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -154,8 +180,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attn_backend, self.decoder_options(config))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        # The head lives on the last pipeline stage only (every stage with one).
         self.lm_head: Optional[VocabParallelEmbedding] = (
-            None if self.tie_word_embeddings
+            None if self.tie_word_embeddings or not self.model.stage.is_last
             else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         )
 
@@ -163,12 +190,14 @@ class LlamaForCausalLM(nn.Module):
     def decoder_options(cls, config: Any) -> DecoderOptions:
         return DecoderOptions.llama(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
-                ) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
+                intermediate: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        assert head is not None, "logits are computed on the last pipeline stage only"
         return head.logits(hidden_states).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -181,7 +210,9 @@ class LlamaForCausalLM(nn.Module):
             if hf_name.endswith(_IGNORED_SUFFIXES):
                 continue
             if hf_name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding table is the head
+                continue  # tied (the embedding table is the head) or not the last stage
+            if not self._on_this_stage(hf_name):
+                continue  # another pipeline stage holds it
             name, shard = _our_name(hf_name)
             param = params.get(name)
             if param is None:
@@ -199,6 +230,16 @@ class LlamaForCausalLM(nn.Module):
                     continue
             loaded.add(name)
         return loaded
+
+    def _on_this_stage(self, hf_name: str) -> bool:
+        """Whether this rank's pipeline stage holds the checkpoint tensor `hf_name`."""
+        if hf_name.startswith("model.layers."):
+            return int(hf_name.split(".")[2]) in self.model.stage.layers
+        if hf_name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if hf_name.startswith("model.norm."):
+            return self.model.norm is not None
+        return True
 
 
 def _our_name(hf_name: str) -> tuple[str, Optional[int]]:
