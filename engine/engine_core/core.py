@@ -14,6 +14,7 @@ import time
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed.pipeline import BatchQueue, worth_dispatching
 from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
 from engine.executor import make_executor
 from engine.models.loader import checkpoint_dtype
@@ -69,8 +70,12 @@ class EngineCore:
         timings["warmup"] = time.perf_counter() - t2
 
         self.num_blocks = num_blocks
+        depth = self.executor.max_concurrent_batches
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
-                                   self.platform.scheduling_constraints(config))
+                                   self.platform.scheduling_constraints(config),
+                                   num_micro_batches=depth)
+        # Pipeline parallelism: batches in flight, scheduled ahead (None: one at a time).
+        self.batch_queue = BatchQueue(depth) if depth > 1 else None
         self.startup_timings = timings
         logger.info("%s", kv_cache_summary(config, num_blocks))
 
@@ -81,14 +86,30 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
 
     def step(self) -> EngineCoreOutputs:
         """One engine step. There is no prefill or decode phase: the scheduler decides how
         many tokens each request advances, the executor runs them in one batch."""
+        if self.batch_queue is not None:
+            return self._step_pipelined(self.batch_queue)
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs.timestamp = time.time()  # wall clock, like arrival_time
+        return outputs
+
+    def _step_pipelined(self, queue: BatchQueue) -> EngineCoreOutputs:
+        """Fill the pipeline (schedule and dispatch until `depth` batches are in flight or
+        nothing more can run), then wait for the oldest batch and apply its output."""
+        while not queue.full:
+            scheduler_output = self.scheduler.schedule()
+            if not worth_dispatching(scheduler_output, len(queue)):
+                break
+            queue.push(scheduler_output, self.executor.execute_model_async(scheduler_output))
+            if scheduler_output.is_empty:
+                break
+        outputs = self.scheduler.update_from_output(*queue.pop())
         outputs.timestamp = time.time()  # wall clock, like arrival_time
         return outputs
 

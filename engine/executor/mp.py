@@ -8,6 +8,12 @@ driver's (rank 0) answer is the result. While waiting, the executor watches each
 process: one that dies fails the engine within a poll interval, with its rank, pid and exit
 status, instead of leaving the others hanging in a collective.
 
+Calls may overlap (pipeline parallelism): `execute_model_async` sends a step and returns a
+handle at once. A worker answers calls in the order it got them, so rank r's n-th answer is
+the n-th call's; answers for later calls that arrive while an earlier one is awaited are
+kept until asked for. The step output used is the first rank of the last pipeline stage's;
+what that stage sampled is sent to the other stages with the next step.
+
 Workers are started with `subprocess` (not `multiprocessing`) because the engine core itself
 runs in a daemonic process when served, and daemonic processes may not have children.
 """
@@ -27,6 +33,7 @@ from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.distributed import free_port
+from engine.distributed.pipeline import stage_tokens
 from engine.executor.abstract import Executor
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.worker.worker import SHUTDOWN
@@ -58,11 +65,27 @@ def _stop_processes(procs: list[subprocess.Popen], ipc_dir: str) -> None:
     shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
+class _PendingStep:
+    """A step sent to the workers; `result()` waits for its output (once)."""
+
+    def __init__(self, executor: MultiprocExecutor, call: int) -> None:
+        self._executor, self._call = executor, call
+
+    def result(self) -> ModelRunnerOutput:
+        return self._executor._step_result(self._call)
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, platform: Platform) -> None:
         import zmq
 
         self.world_size = config.parallel.world_size
+        self.pp_size = config.parallel.pipeline_parallel_size
+        self.output_rank = (self.pp_size - 1) * config.parallel.tensor_parallel_size
+        self._num_calls = 0  # calls sent so far; a call's index is its order
+        self._num_answers = [0] * self.world_size  # answers received per rank
+        self._answers: dict[int, dict[int, Any]] = {}  # call index -> {rank: payload}
+        self._unsent_tokens: dict[str, list[int]] = {}  # sampled, not yet sent to stages
         self._ctx = zmq.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="engine-mp-")
         self._inboxes = []
@@ -88,7 +111,7 @@ class MultiprocExecutor(Executor):
         try:
             for inbox in self._inboxes:
                 self._send(inbox, start, "start")
-            self._collect("start")  # every worker answers once its groups exist
+            self._collect("start", self._next_call())  # answered once its groups exist
         except Exception:
             self.shutdown()
             raise
@@ -98,12 +121,20 @@ class MultiprocExecutor(Executor):
     # ---- calls ----
     def _call(self, method: str, *args: Any) -> list[Any]:
         """Run `method(*args)` on every worker; their results in rank order."""
+        return self._collect(method, self._submit(method, *args))
+
+    def _submit(self, method: str, *args: Any) -> int:
+        """Send `method(*args)` to every worker; the call's index (for `_collect`)."""
         if self._failure is not None:
             raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for inbox in self._inboxes:
             self._send(inbox, message, method)
-        return self._collect(method)
+        return self._next_call()
+
+    def _next_call(self) -> int:
+        self._num_calls += 1
+        return self._num_calls - 1
 
     def _send(self, inbox: Any, message: bytes, method: str) -> None:
         """Send without blocking on a dead peer (a PUSH socket whose peer is gone would
@@ -118,17 +149,23 @@ class MultiprocExecutor(Executor):
                 self._check_alive(method)
                 inbox.poll(_POLL_MS, zmq.POLLOUT)
 
-    def _collect(self, method: str) -> list[Any]:
-        results: dict[int, Any] = {}
+    def _collect(self, method: str, call: int) -> list[Any]:
+        """Every worker's answer to call number `call`, in rank order."""
+        results = self._answers.setdefault(call, {})
         while len(results) < self.world_size:
+            if self._failure is not None:
+                raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
             if self._outbox.poll(_POLL_MS):
                 rank, ok, payload = pickle.loads(self._outbox.recv())
                 if not ok:
                     self._check_alive(method)  # a peer's death explains a collective's error
                     self._fail(f"worker rank {rank} raised in {method}:\n{payload}")
-                results[rank] = payload
+                index = self._num_answers[rank]
+                self._num_answers[rank] += 1
+                self._answers.setdefault(index, {})[rank] = payload
                 continue
             self._check_alive(method)
+        del self._answers[call]
         return [results[r] for r in range(self.world_size)]
 
     def _check_alive(self, method: str) -> None:
@@ -160,7 +197,24 @@ class MultiprocExecutor(Executor):
         self._call("warm_up")
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute_model", scheduler_output)[0]
+        return self.execute_model_async(scheduler_output).result()
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.pp_size  # one batch per pipeline stage
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> _PendingStep:
+        if self.pp_size == 1:
+            return _PendingStep(self, self._submit("execute_model", scheduler_output))
+        tokens, self._unsent_tokens = self._unsent_tokens, {}
+        return _PendingStep(self, self._submit("execute_model", scheduler_output, tokens))
+
+    def _step_result(self, call: int) -> ModelRunnerOutput:
+        output = self._collect("execute_model", call)[self.output_rank]
+        if self.pp_size > 1:
+            for req_id, tokens in stage_tokens(output).items():
+                self._unsent_tokens.setdefault(req_id, []).extend(tokens)
+        return output
 
     def shutdown(self) -> None:
         """Ask every worker to exit (they destroy their groups), then make sure they did."""

@@ -6,6 +6,11 @@ output) of which `num_computed_tokens` have KV in the cache; each step it is giv
 Running requests go first, in order, then waiting ones in the policy's order. Chunked
 prefill, prefix-cache hits (counted as computed) and preemption by recompute (reset to zero
 computed tokens) all fall out of that one rule.
+
+With several batches in flight (pipeline parallelism, `num_micro_batches` > 1) a request
+whose batch has not come back is skipped (never in two batches at once, never preempted
+while in flight), and each step takes at most 1/num_micro_batches of the requests, so the
+batches in flight share them instead of one batch holding all.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class _Step:
     """What one `schedule()` call has decided so far."""
 
     budget: int
+    max_reqs: int  # requests this step may take
     num_scheduled: dict[str, int] = field(default_factory=dict)
     new_reqs: list[NewRequestData] = field(default_factory=list)
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)  # running requests
@@ -45,9 +51,12 @@ class _Step:
 class Scheduler:
     def __init__(
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-        constraints: Optional[StaticBatching] = None,
+        constraints: Optional[StaticBatching] = None, num_micro_batches: int = 1,
     ) -> None:
         self.config = config
+        self.num_micro_batches = num_micro_batches
+        # Scheduled, output not back yet (at most one step's worth without pipelining).
+        self._in_flight: set[str] = set()
         # The platform's shape limits (None: any step the budget allows).
         self.constraints = constraints
         self.block_size = cache_config.block_size
@@ -135,7 +144,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """One step's decision; advances num_computed_tokens of scheduled requests
         optimistically, as if the step had already run."""
-        step = _Step(budget=self.config.max_num_batched_tokens)
+        share = min(len(self.requests), self.config.max_num_seqs)
+        step = _Step(budget=self.config.max_num_batched_tokens,
+                     max_reqs=max(1, -(-share // self.num_micro_batches)))
         self._schedule_running(step)
         # After a preemption blocks are short: admitting more would only preempt again.
         if self.constraints is not None:
@@ -160,6 +171,7 @@ class Scheduler:
         self._finished_req_ids = set()
         for req_id, num_tokens in step.num_scheduled.items():
             self.requests[req_id].num_computed_tokens += num_tokens
+        self._in_flight.update(step.num_scheduled)
         return output
 
     def _num_tokens_to_schedule(self, request: Request, num_computed: int, budget: int) -> int:
@@ -169,8 +181,12 @@ class Scheduler:
 
     def _schedule_running(self, step: _Step) -> None:
         i = 0
-        while i < len(self.running) and step.budget > 0:
+        while (i < len(self.running) and step.budget > 0
+               and len(step.num_scheduled) < step.max_reqs):
             request = self.running[i]
+            if request.request_id in self._in_flight:
+                i += 1
+                continue
             num_new = self._num_tokens_to_schedule(request, request.num_computed_tokens,
                                                    step.budget)
             if num_new <= 0:
@@ -194,7 +210,8 @@ class Scheduler:
             new_blocks = self.kv_cache.allocate_slots(request, num_new)
             if new_blocks is not None:
                 return new_blocks
-            victim = self.waiting.select_victim(self.running)
+            victim = self.waiting.select_victim(
+                [r for r in self.running if r.request_id not in self._in_flight])
             self._preempt(victim, step)
             if victim is request:
                 return None
@@ -214,7 +231,8 @@ class Scheduler:
         step.preempted.add(victim.request_id)
 
     def _schedule_waiting(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(step.num_scheduled) < step.max_reqs):
             request = self.waiting.peek()
             hits, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_tokens_to_schedule(request, num_hit, step.budget)
@@ -328,6 +346,7 @@ class Scheduler:
         row_of = {req_id: i for i, req_id in enumerate(runner_output.req_ids)}
         outputs, self._pending_outputs = self._pending_outputs, []
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            self._in_flight.discard(req_id)
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
                 continue  # aborted after schedule(): the worker forgets it next step

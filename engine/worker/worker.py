@@ -52,9 +52,15 @@ class Worker:
         # Same seed on every rank: unseeded sampling draws the same noise everywhere, and
         # logits are gathered to every rank, so every rank appends the same tokens.
         platform.seed_everything(config.seed)
-        self.runner = ModelRunner(config, platform, self.groups.context,
-                                  local_rank=local_rank)
-        self.is_driver = rank == 0  # the rank whose outputs the executor returns
+        runner_cls = ModelRunner
+        if parallel.pipeline_parallel_size > 1:
+            from engine.worker.pipeline_runner import PipelineStageRunner
+
+            runner_cls = PipelineStageRunner
+        self.runner = runner_cls(config, platform, self.groups.context, local_rank=local_rank)
+        # The rank whose outputs the executor returns: the first of the last pipeline stage
+        # (the stage that samples; rank 0 without pipeline parallelism).
+        self.is_driver = rank == layout.output_rank
 
     def load_model(self) -> None:
         self.runner.load_model()
@@ -68,7 +74,13 @@ class Worker:
     def warm_up(self) -> None:
         self.runner.warm_up()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      sampled_tokens: Optional[dict[str, list[int]]] = None
+                      ) -> Optional[ModelRunnerOutput]:
+        """One step; `sampled_tokens` (pipeline parallelism) are the last stage's tokens
+        not yet seen by the other stages, applied first."""
+        if sampled_tokens:
+            self.runner.apply_sampled_tokens(sampled_tokens)  # type: ignore[attr-defined]
         output = self.runner.execute_model(scheduler_output)
         return output if self.is_driver else None  # only the driver's output travels back
 

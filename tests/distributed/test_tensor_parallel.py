@@ -37,8 +37,8 @@ def test_tp_that_does_not_divide_heads_is_refused(smollm2):
 def test_unavailable_parallel_modes_are_refused_with_the_flag(tiny_llama_kv1):
     from engine.config import EngineArgs
 
-    with pytest.raises(ValueError, match="--pipeline-parallel-size"):
-        EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2).create_config()
+    with pytest.raises(ValueError, match="--pipeline-parallel-size"):  # 2 layers, 3 stages
+        EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=3).create_config()
     config = EngineArgs(model=tiny_llama_kv1, tensor_parallel_size=2).create_config()
     assert config.parallel.distributed_executor_backend == "mp"
     assert EngineArgs(model=tiny_llama_kv1).create_config().parallel.distributed_executor_backend \

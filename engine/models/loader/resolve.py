@@ -80,12 +80,18 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
 
 def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
     """Sizes checked against the model; the executor backend chosen when not given."""
+    from engine.distributed.pipeline import check_pipeline_parallel
     from engine.distributed.sharding import check_tensor_parallel
 
     tp, pp, dp = args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size
-    if pp > 1:
-        raise ValueError(f"--pipeline-parallel-size {pp}: pipeline parallelism is not "
-                         "available yet; use --tensor-parallel-size to split the model.")
+    problems = check_pipeline_parallel(hf_config.num_hidden_layers, pp)
+    if problems:
+        raise ValueError("The model cannot be split over --pipeline-parallel-size "
+                         f"{pp}:\n  " + "\n  ".join(problems))
+    if pp > 1 and args.distributed_executor_backend not in (None, "mp"):
+        raise ValueError(f"--pipeline-parallel-size {pp} runs on the 'mp' executor only for "
+                         f"now, not --distributed-executor-backend "
+                         f"{args.distributed_executor_backend}; pass mp (or leave it out).")
     problems = check_tensor_parallel(hf_config, tp)
     if problems:
         raise ValueError("The model cannot be split over --tensor-parallel-size "

@@ -1,0 +1,69 @@
+"""The model runner of one pipeline stage.
+
+Rule: every stage gets the same scheduler outputs in the same order and keeps the same
+request state; a stage after the first receives (hidden, residual) from the previous stage
+instead of embedding, a stage before the last sends its output on and samples nothing. Only
+the last stage samples; the tokens it sampled reach the other stages with a later call
+(`apply_sampled_tokens`, sent by the executor before the request is scheduled again), so
+every stage's next decode input is the token the last stage chose.
+
+Stages run eagerly (the platform's graph runner is not used with pipeline parallelism yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from engine.distributed.pipeline import Stage, recv_activations, send_activations
+from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.worker.model_runner import ModelRunner
+from platforms.interface import GraphRunner
+
+
+class PipelineStageRunner(ModelRunner):
+    def load_model(self) -> None:
+        super().load_model()
+        self.stage = Stage.of(self.parallel, self.config.model.hf_config.num_hidden_layers)
+        self.forward = GraphRunner(self._stage_forward, self.config)  # eager
+
+    def _stage_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       attn_metadata: Any) -> Optional[torch.Tensor]:
+        """Receive, run this stage's layers, send on; hidden states on the last stage."""
+        assert self.model is not None
+        intermediate = None
+        if not self.stage.is_first:
+            intermediate = recv_activations(
+                self.parallel, input_ids.shape[0], self.config.model.hf_config.hidden_size,
+                self.dtype, self.device)
+        out = self.model(input_ids, positions, attn_metadata, intermediate)
+        if self.stage.is_last:
+            return out
+        send_activations(self.parallel, *out)
+        return None
+
+    def apply_sampled_tokens(self, tokens: dict[str, list[int]]) -> None:
+        """Append what the last stage sampled (stages that did not sample only)."""
+        if self.stage.is_last:
+            return
+        for req_id, new in tokens.items():
+            state = self.input_batch.requests.get(req_id)
+            if state is None:
+                continue  # finished or preempted since: nothing to extend
+            for token in new:
+                state.append_token(token)
+
+    def _execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if self.stage.is_last:
+            return super()._execute_model(out)
+        self.input_batch.update(out)
+        if out.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        inputs = self.input_batch.prepare(out)
+        self.forward(inputs.input_ids, inputs.positions,
+                     self.attn_backend.build_metadata(inputs.attn))
+        for req_id in inputs.req_ids:
+            self.input_batch.requests[req_id].num_computed_tokens += \
+                out.num_scheduled_tokens[req_id]
+        return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

@@ -1,0 +1,105 @@
+"""Pipeline parallelism end to end on CPU (gloo, `mp` executor): the same greedy tokens and
+logprobs as one device, micro-batches really in flight together, a killed stage failing
+the engine, and the flags and split checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+from tests.distributed.conftest import PROMPTS, assert_same_generation, run_engine
+
+# Enough distinct prompts that the pipeline can hold two micro-batches of requests.
+MANY = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8], list(range(500, 530)),
+                  [42] * 12, [11, 22, 33]]
+
+
+def test_pp2_equals_pp1(tiny_llama_kv1):
+    """Layers 0 and 1 on two stages (embedding on the first, norm and head on the last);
+    greedy tokens, logprobs and unseeded sampling as with one device."""
+    single = run_engine(tiny_llama_kv1, tp=1, prompts=MANY, sample=True)
+    split = run_engine(tiny_llama_kv1, tp=1, prompts=MANY, sample=True,
+                       pipeline_parallel_size=2)
+    assert_same_generation(single, split)
+    assert all(len(t) == 8 for t in single[0])
+
+
+def test_micro_batches_are_in_flight_together(tiny_llama_kv1):
+    """With more requests than one micro-batch takes, the core dispatches a second batch
+    before the first has come back, every step that has work, and each batch holds about
+    half the requests."""
+    from engine.entrypoints.llm import LLM
+
+    llm = LLM(tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=64, max_model_len=256,
+              max_num_seqs=8)
+    try:
+        assert llm.core.executor.max_concurrent_batches == 2
+        queue = llm.core.batch_queue
+        sizes: list[int] = []
+        schedule = llm.core.scheduler.schedule
+
+        def recording_schedule():
+            out = schedule()
+            if not out.is_empty:
+                sizes.append(len(out.num_scheduled_tokens))
+            return out
+
+        llm.core.scheduler.schedule = recording_schedule
+        outs = llm.generate([{"prompt_token_ids": p} for p in MANY],
+                            SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
+    finally:
+        llm.core.shutdown()
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert queue.max_in_flight == 2
+    # 8 requests, 6 tokens each, 4 per batch: about 12 batches, all but the first overlap.
+    assert queue.num_overlapped >= len(sizes) - 2 >= 8
+    assert max(sizes) == 4
+
+
+def test_killed_stage_fails_the_engine_in_seconds(tiny_llama_kv1):
+    from engine.entrypoints.llm import LLM
+    from engine.executor.mp import WorkerDiedError
+
+    llm = LLM(tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=64, max_model_len=256)
+    try:
+        victim = llm.core.executor.procs[1]  # the last stage, the one that samples
+        os.kill(victim.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"rank 1 .*killed by signal 9"):
+            llm.generate([{"prompt_token_ids": p} for p in MANY],
+                         SamplingParams(temperature=0.0, max_tokens=50), use_tqdm=False)
+        assert time.monotonic() - start < 10
+    finally:
+        llm.core.shutdown()
+    assert all(p.poll() is not None for p in llm.core.executor.procs)
+
+
+def test_more_stages_than_layers_is_refused(tiny_llama_kv1):
+    from engine.config import EngineArgs
+
+    with pytest.raises(ValueError, match=r"num_hidden_layers \(2\).*--pipeline-parallel-size "
+                                         r"\(3\)"):
+        EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=3).create_config()
+    with pytest.raises(ValueError, match="'mp' executor only"):
+        EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2,
+                   distributed_executor_backend="ray").create_config()
+    config = EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2).create_config()
+    assert config.parallel.distributed_executor_backend == "mp"
+
+
+def test_pp_flag_reaches_engine_args():
+    import argparse
+
+    from engine.entrypoints.args import add_engine_args, engine_args_from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = engine_args_from_namespace(parser.parse_args(["-pp", "2"]), model="m")
+    assert args.pipeline_parallel_size == 2
+    args = engine_args_from_namespace(parser.parse_args(["--pipeline-parallel-size", "3"]),
+                                      model="m")
+    assert args.pipeline_parallel_size == 3
