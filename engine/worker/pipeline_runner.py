@@ -8,10 +8,14 @@ the last stage samples; the tokens it sampled reach the other stages with a late
 every stage's next decode input is the token the last stage chose.
 
 Stages run eagerly (the platform's graph runner is not used with pipeline parallelism yet).
+Each stage keeps the (start, end) monotonic times of its last forwards (`timeline`), so a
+test can see stages working on different batches at the same time.
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Any, Optional
 
 import torch
@@ -27,21 +31,24 @@ class PipelineStageRunner(ModelRunner):
         super().load_model()
         self.stage = Stage.of(self.parallel, self.config.model.hf_config.num_hidden_layers)
         self.forward = GraphRunner(self._stage_forward, self.config)  # eager
+        self.timeline: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
 
     def _stage_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        attn_metadata: Any) -> Optional[torch.Tensor]:
         """Receive, run this stage's layers, send on; hidden states on the last stage."""
         assert self.model is not None
+        start = time.monotonic()
         intermediate = None
         if not self.stage.is_first:
             intermediate = recv_activations(
                 self.parallel, input_ids.shape[0], self.config.model.hf_config.hidden_size,
                 self.dtype, self.device)
         out = self.model(input_ids, positions, attn_metadata, intermediate)
-        if self.stage.is_last:
-            return out
-        send_activations(self.parallel, *out)
-        return None
+        if not self.stage.is_last:
+            send_activations(self.parallel, *out)
+        # Start: before waiting for the previous stage; end: once the output is handed on.
+        self.timeline.append((start, time.monotonic()))
+        return out if self.stage.is_last else None
 
     def apply_sampled_tokens(self, tokens: dict[str, list[int]]) -> None:
         """Append what the last stage sampled (stages that did not sample only)."""

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Methods the executor may call on a worker (anything else is refused).
 WORKER_METHODS = frozenset(
-    {"load_model", "determine_num_blocks", "initialize_kv_cache", "warm_up", "execute_model"}
+    {"load_model", "determine_num_blocks", "initialize_kv_cache", "warm_up", "execute_model",
+     "stage_timeline"}
 )
 SHUTDOWN = "shutdown"
 READY = "ready"
@@ -83,6 +84,11 @@ class Worker:
             self.runner.apply_sampled_tokens(sampled_tokens)  # type: ignore[attr-defined]
         output = self.runner.execute_model(scheduler_output)
         return output if self.is_driver else None  # only the driver's output travels back
+
+    def stage_timeline(self) -> list[tuple[float, float]]:
+        """(start, end) monotonic times of this pipeline stage's recent forwards (empty
+        without pipeline parallelism)."""
+        return list(getattr(self.runner, "timeline", ()))
 
     def shutdown(self) -> None:
         self.runner.model = None
