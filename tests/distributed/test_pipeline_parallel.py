@@ -120,3 +120,12 @@ def test_pp_flag_reaches_engine_args():
     args = engine_args_from_namespace(parser.parse_args(["--pipeline-parallel-size", "3"]),
                                       model="m")
     assert args.pipeline_parallel_size == 3
+
+
+def test_pp2_equals_pp1_on_smollm2_gguf(smollm2):
+    """SmolLM2-135M: 30 layers over two stages and a head tied to the embedding (the last
+    stage keeps its own copy of the table for the head)."""
+    prompts = [[1, 504, 3458, 314, 5234, 28], [1, 9519, 11, 957, 1462, 314]]
+    single = run_engine(smollm2, tp=1, prompts=prompts, max_tokens=6)
+    split = run_engine(smollm2, tp=1, prompts=prompts, max_tokens=6, pipeline_parallel_size=2)
+    assert_same_generation(single, split, atol=2e-3)
