@@ -129,3 +129,13 @@ def test_pp2_equals_pp1_on_smollm2_gguf(smollm2):
     single = run_engine(smollm2, tp=1, prompts=prompts, max_tokens=6)
     split = run_engine(smollm2, tp=1, prompts=prompts, max_tokens=6, pipeline_parallel_size=2)
     assert_same_generation(single, split, atol=2e-3)
+
+
+def test_dummy_weights_are_the_same_model_on_every_stage_layout(tiny_llama_kv1):
+    """Random weights are seeded by parameter name, so a stage's layers get the values the
+    whole model would give them (seeding by position would shift them per stage)."""
+    single = run_engine(tiny_llama_kv1, tp=1, load_format="dummy")
+    split = run_engine(tiny_llama_kv1, tp=1, load_format="dummy", pipeline_parallel_size=2)
+    assert_same_generation(single, split)
+    saved = run_engine(tiny_llama_kv1, tp=1)
+    assert single[0] != saved[0]  # really the random weights, not the saved ones

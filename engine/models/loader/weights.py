@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -51,12 +52,14 @@ def safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def fill_dummy(model: nn.Module, seed: int) -> None:
     """Seeded random weights from the config alone, reproducible across runs on one device
-    type. Each parameter is drawn on its own device from a generator seeded by its index, so
+    type. Each parameter is drawn on its own device from a generator seeded by its name, so
     an 8B model fills in about a second on an accelerator instead of minutes on one host
-    thread. A tensor-parallel parameter draws its FULL tensor and keeps its slice, so every
-    tensor-parallel size gives the same model."""
-    for index, (name, param) in enumerate(model.named_parameters()):
-        gen = torch.Generator(device=param.device).manual_seed(seed * 100_003 + index)
+    thread. A tensor-parallel parameter draws its FULL tensor and keeps its slice, and a
+    pipeline stage's parameters keep their full-model names, so every tensor- and
+    pipeline-parallel layout gives the same model."""
+    for name, param in model.named_parameters():
+        gen = torch.Generator(device=param.device).manual_seed(
+            seed * 100_003 + zlib.crc32(name.encode()))
         full_shape = getattr(param, "full_shape", param.shape)
         values = torch.randn(full_shape, generator=gen, device=param.device,
                              dtype=torch.float32).mul_(_DUMMY_STD)
