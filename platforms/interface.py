@@ -302,6 +302,8 @@ class Platform(abc.ABC):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     supported_head_sizes: ClassVar[Optional[tuple[int, ...]]] = None  # None: any
     distributed_backend: ClassVar[str] = "gloo"  # torch.distributed backend for its groups
+    # Host memory can be page-locked (`pin_memory=True`) for asynchronous uploads to the device.
+    supports_pinned_memory: ClassVar[bool] = False
     # True when `peak_memory_bytes` measures something: the model runner then runs one
     # full-size profiling step before sizing the KV cache (see `kv_cache_bytes`).
     measures_peak_memory: ClassVar[bool] = False

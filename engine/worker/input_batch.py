@@ -64,9 +64,12 @@ class StepInputs:
 class InputBatch:
     """All requests the worker currently knows, keyed by id."""
 
-    def __init__(self, block_size: int, device: torch.device) -> None:
+    def __init__(self, block_size: int, device: torch.device, pin_memory: bool = False) -> None:
         self.block_size = block_size
         self.device = device
+        # Staging in page-locked host memory lets the step's inputs go up in two asynchronous
+        # copies instead of seven blocking ones (the platform says whether it has such memory).
+        self.pin_memory = pin_memory
         self.requests: dict[str, CachedRequestState] = {}
 
     def update(self, out: SchedulerOutput) -> None:
@@ -119,29 +122,40 @@ class InputBatch:
         num_known = np.fromiter((s.num_tokens for s in states), np.int64, num_reqs)
         sample_req_idx = np.nonzero(seq_lens >= num_known)[0]
 
-        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        query_start_loc_cpu = torch.from_numpy(query_start_loc.astype(np.int32))
-        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        sample_token_idx = query_start_loc[1:][sample_req_idx] - 1
+        ids_d, positions_d, slots_d, sample_d = self._upload(
+            [input_ids, positions, slot_mapping, sample_token_idx], np.int64)
+        qsl32, seq32 = query_start_loc.astype(np.int32), seq_lens.astype(np.int32)
+        qsl_d, seq_lens_d, table_d = self._upload([qsl32, seq32, block_table.ravel()], np.int32)
         attn = CommonAttentionMetadata(
             num_reqs=num_reqs,
             num_actual_tokens=num_tokens,
             max_query_len=int(counts.max()) if num_reqs else 0,
             max_seq_len=int(seq_lens.max()) if num_reqs else 0,
-            query_start_loc_cpu=query_start_loc_cpu,
-            seq_lens_cpu=seq_lens_cpu,
+            query_start_loc_cpu=torch.from_numpy(qsl32),
+            seq_lens_cpu=torch.from_numpy(seq32),
             num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),
-            query_start_loc=query_start_loc_cpu.to(self.device),
-            seq_lens=seq_lens_cpu.to(self.device),
-            block_table=to_dev(block_table),
-            slot_mapping=to_dev(slot_mapping),
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
+            block_table=table_d.view(block_table.shape),
+            slot_mapping=slots_d,
         )
         return StepInputs(
             req_ids=req_ids,
-            input_ids=to_dev(input_ids),
-            positions=to_dev(positions),
+            input_ids=ids_d,
+            positions=positions_d,
             attn=attn,
             sample_req_idx=sample_req_idx.tolist(),
-            sample_token_idx=to_dev(query_start_loc[1:][sample_req_idx] - 1),
+            sample_token_idx=sample_d,
             query_start_loc_np=query_start_loc,
             start_positions_np=starts,
         )
+
+    def _upload(self, arrays: list[np.ndarray], dtype: type) -> list[torch.Tensor]:
+        """The arrays on the device, as views of one buffer sent in one copy."""
+        sizes = [a.size for a in arrays]
+        host = torch.from_numpy(np.concatenate(arrays).astype(dtype, copy=False))
+        if self.pin_memory:
+            staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            host = staged.copy_(host)
+        return list(host.to(self.device, non_blocking=True).split(sizes))

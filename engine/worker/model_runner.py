@@ -55,7 +55,8 @@ class ModelRunner:
             block_size=config.cache.block_size,
         )
         self.attn_backend = platform.attention_backend(self.attn_spec)
-        self.input_batch = InputBatch(config.cache.block_size, self.device)
+        self.input_batch = InputBatch(config.cache.block_size, self.device,
+                                      pin_memory=platform.supports_pinned_memory)
         self.sampler = Sampler()
         self.model: Optional[torch.nn.Module] = None
         self.num_blocks = 0

@@ -62,6 +62,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     priority = 100
     supports_graph_capture = True
+    supports_pinned_memory = True
     measures_peak_memory = True
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     # What the Triton attention kernel takes: a power of two in 16..256.
