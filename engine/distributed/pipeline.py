@@ -9,7 +9,8 @@ batches in the order the executor sent them. The core keeps up to `pp` batches i
 (`BatchQueue`): it schedules batch k+1 while batch k is still in the pipeline, and a
 request is never in two batches at once (the scheduler skips requests in flight).
 
-`BatchQueue` is torch-free (the core's scheduling side never imports torch through it).
+This module imports torch only inside the functions that move tensors; `BatchQueue` and
+the split checks are plain Python.
 """
 
 from __future__ import annotations
