@@ -33,6 +33,12 @@ class PipelineStageRunner(ModelRunner):
         self.forward = GraphRunner(self._stage_forward, self.config)  # eager
         self.timeline: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
 
+    @property
+    def bytes_per_block(self) -> int:
+        """One block's KV bytes over this stage's layers only (the others are elsewhere)."""
+        per_layer = super().bytes_per_block // self.config.model.num_layers
+        return per_layer * len(self.stage.layers)
+
     def _stage_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        attn_metadata: Any) -> Optional[torch.Tensor]:
         """Receive, run this stage's layers, send on; hidden states on the last stage."""

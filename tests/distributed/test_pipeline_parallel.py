@@ -139,3 +139,35 @@ def test_dummy_weights_are_the_same_model_on_every_stage_layout(tiny_llama_kv1):
     assert_same_generation(single, split)
     saved = run_engine(tiny_llama_kv1, tp=1)
     assert single[0] != saved[0]  # really the random weights, not the saved ones
+
+
+def test_cli_generate_with_pp2(tiny_llama_kv1):
+    """`engine generate -pp 2` runs the same greedy completion as without it."""
+    import subprocess
+    import sys
+
+    def generate(*extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "engine.entrypoints.cli", "generate", tiny_llama_kv1,
+             "--prompt", "The capital of France is", "--max-tokens", "6",
+             "--num-kv-blocks", "32", "--max-model-len", "128", *extra],
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    single, split = generate(), generate("-pp", "2")
+    assert "'The capital of France is' ->" in split
+    assert split == single
+
+
+def test_kv_cache_is_sized_for_the_stage_layers(tiny_llama_kv1):
+    """A stage holds half the layers, so the same KV memory holds twice the blocks."""
+    from engine.entrypoints.llm import LLM
+
+    blocks = []
+    for pp in (1, 2):
+        llm = LLM(tiny_llama_kv1, pipeline_parallel_size=pp, kv_cache_memory=2**20,
+                  max_model_len=256)
+        blocks.append(llm.core.num_blocks)
+        llm.core.shutdown()
+    assert blocks[1] == 2 * blocks[0]
