@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often a waiting executor checks that its workers are alive
 _SHUTDOWN_GRACE_S = 5.0
+_PEER_DEATH_GRACE_S = 1.0  # how long a worker's error waits for a peer's death to show
 _WORKER_ENTRY = "from engine.worker.worker import main; main()"
 
 
@@ -158,7 +159,7 @@ class MultiprocExecutor(Executor):
             if self._outbox.poll(_POLL_MS):
                 rank, ok, payload = pickle.loads(self._outbox.recv())
                 if not ok:
-                    self._check_alive(method)  # a peer's death explains a collective's error
+                    self._blame_dead_peer(method)  # a peer's death explains the error
                     self._fail(f"worker rank {rank} raised in {method}:\n{payload}")
                 index = self._num_answers[rank]
                 self._num_answers[rank] += 1
@@ -167,6 +168,17 @@ class MultiprocExecutor(Executor):
             self._check_alive(method)
         del self._answers[call]
         return [results[r] for r in range(self.world_size)]
+
+    def _blame_dead_peer(self, method: str) -> None:
+        """A survivor's collective fails as soon as a killed peer's sockets close, which can
+        be a moment before the peer's exit is visible: give a death that long to show, so
+        the error names the dead rank rather than the survivor that noticed."""
+        deadline = time.monotonic() + _PEER_DEATH_GRACE_S
+        while True:
+            self._check_alive(method)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def _check_alive(self, method: str) -> None:
         for rank, proc in enumerate(self.procs):

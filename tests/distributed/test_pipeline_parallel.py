@@ -95,6 +95,32 @@ def test_killed_stage_fails_the_engine_in_seconds(tiny_llama_kv1):
     assert all(p.poll() is not None for p in llm.core.executor.procs)
 
 
+def test_first_stage_killed_mid_generation_fails_the_engine_in_seconds(tiny_llama_kv1):
+    """Killed while batches are in flight: the last stage is left waiting for activations
+    that never come, and the executor's watch reports the dead rank instead of hanging."""
+    import threading
+
+    from engine.entrypoints.llm import LLM
+    from engine.executor.mp import WorkerDiedError
+
+    llm = LLM(tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=64, max_model_len=256,
+              max_num_seqs=8)
+    try:
+        victim = llm.core.executor.procs[0]
+        timer = threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"rank 0 .*killed by signal 9"):
+            llm.generate([{"prompt_token_ids": p} for p in MANY],
+                         SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
+                         use_tqdm=False)
+        assert time.monotonic() - start < 11
+        timer.join()
+    finally:
+        llm.core.shutdown()
+    assert all(p.poll() is not None for p in llm.core.executor.procs)
+
+
 def test_more_stages_than_layers_is_refused(tiny_llama_kv1):
     from engine.config import EngineArgs
 
