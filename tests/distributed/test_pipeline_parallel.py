@@ -96,10 +96,9 @@ def test_killed_stage_fails_the_engine_in_seconds(tiny_llama_kv1):
 
 
 def test_first_stage_killed_mid_generation_fails_the_engine_in_seconds(tiny_llama_kv1):
-    """Killed while batches are in flight: the last stage is left waiting for activations
-    that never come, and the executor's watch reports the dead rank instead of hanging."""
-    import threading
-
+    """Killed while batches are in flight (at the engine's 5th step): the last stage is left
+    waiting for activations that never come, and the executor's watch reports the dead rank
+    instead of hanging."""
     from engine.entrypoints.llm import LLM
     from engine.executor.mp import WorkerDiedError
 
@@ -107,15 +106,22 @@ def test_first_stage_killed_mid_generation_fails_the_engine_in_seconds(tiny_llam
               max_num_seqs=8)
     try:
         victim = llm.core.executor.procs[0]
-        timer = threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL))
-        timer.start()
-        start = time.monotonic()
+        step, calls, killed_at = llm.core.step, [], []
+
+        def step_then_kill():
+            calls.append(1)
+            if len(calls) == 5:
+                assert len(llm.core.batch_queue) > 0  # a batch is in the pipeline
+                os.kill(victim.pid, signal.SIGKILL)
+                killed_at.append(time.monotonic())
+            return step()
+
+        llm.core.step = step_then_kill
         with pytest.raises(WorkerDiedError, match=r"rank 0 .*killed by signal 9"):
             llm.generate([{"prompt_token_ids": p} for p in MANY],
-                         SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),
+                         SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True),
                          use_tqdm=False)
-        assert time.monotonic() - start < 11
-        timer.join()
+        assert time.monotonic() - killed_at[0] < 10
     finally:
         llm.core.shutdown()
     assert all(p.poll() is not None for p in llm.core.executor.procs)
