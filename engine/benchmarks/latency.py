@@ -152,8 +152,9 @@ def main(args: argparse.Namespace) -> int:
     workload = make_workload(llm.get_tokenizer(), args.batch_size, str(args.input_len),
                              str(args.output_len), args.bench_seed)
     prompts = workload.prompts
-    model = llm.core.executor.runner.model
-    weight_bytes = roofline.decode_weight_bytes(model)
+    model = roofline.counted_model(llm)
+    # Each tensor-parallel rank reads its own shard, all ranks at once.
+    weight_bytes = roofline.decode_weight_bytes(model) // llm.config.parallel.tensor_parallel_size
     results = [measure_engine(llm, prompts, args.output_len, args.num_iters_warmup,
                               args.num_iters)]
     del model

@@ -93,6 +93,25 @@ def _weights_read_per_step(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def counted_model(llm) -> nn.Module:
+    """The model whose parameters the rooflines count: the engine's own when it runs in this
+    process, else (workers in other processes) the same architecture built on the meta
+    device, which allocates nothing."""
+    runner = getattr(llm.core.executor, "runner", None)
+    if runner is not None and runner.model is not None:
+        return runner.model
+    from engine.models.registry import get_model_class
+
+    cfg = llm.config.model
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device("meta"):
+            return get_model_class(cfg.architecture)(cfg.hf_config, None)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def decode_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights one batch-1 decode step reads (the input embedding excepted)."""
     return sum(p.numel() * p.element_size() for p in _weights_read_per_step(model).values())

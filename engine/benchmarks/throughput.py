@@ -227,7 +227,8 @@ def main(args: argparse.Namespace) -> int:
           f"tokens, {workload.num_output_tokens} output tokens")
     results = [run_engine(llm, workload, args.ignore_eos)]
     platform, model_config = llm.core.platform, llm.config.model
-    num_params = roofline.non_embedding_params(llm.core.executor.runner.model)
+    num_params = roofline.non_embedding_params(roofline.counted_model(llm))
+    llm_tp = llm.config.parallel.tensor_parallel_size
     free_engine(llm)
     del llm
     ceilings = None
@@ -250,5 +251,8 @@ def main(args: argparse.Namespace) -> int:
         for line in ceilings.lines():
             print(line)
         print(f"non-embedding parameters: {num_params:,}")
-        print(roofline.compute_roofline(num_params, ceilings, total).line())
+        # Tensor-parallel ranks each multiply through their shard, all at once.
+        tp = llm_tp
+        print(roofline.compute_roofline(num_params // tp, ceilings, total).line()
+              + (f" (tensor parallel {tp}: per-device shard)" if tp > 1 else ""))
     return 0
