@@ -18,6 +18,10 @@ $PY -m pip install -q -e ".[test]"
 for plugin in cuda rocm spyre tpu ascend gaudi; do
   $PY -m pip install -q --no-deps -e "plugins/$plugin"
 done
+# Triton for the CUDA plugin's kernel tests, which run on the CPU through its interpreter here
+# (best effort: without it those tests skip and say why).
+$PY -c "import triton" >/dev/null 2>&1 || $PY -m pip install -q "triton>=3.2" ||
+  echo "setup: Triton could not be installed; plugins/cuda kernel tests will skip" >&2
 # Ray for the Ray-executor tests (engine[ray]; its wheel installs in seconds). Best effort: where
 # no wheel fits, those tests skip and say why.
 $PY -c "import ray" >/dev/null 2>&1 || $PY -m pip install -q "ray>=2.9" ||

@@ -76,7 +76,13 @@ def _shadow_site(tmp_path: Path) -> Path:
     return shadow
 
 
-def test_engine_cuda_installs_offline_from_wheels_and_registers_its_plugin(tmp_path):
+VENDORS = ("cuda", "rocm", "tpu", "ascend", "spyre", "gaudi")
+
+
+def test_every_plugin_installs_offline_from_wheels_and_registers(tmp_path):
+    """`engine[cuda]` and every other vendor extra install into a fresh environment from the
+    wheels alone; each plugin comes from its own distribution, shows in `engine plugins`,
+    and none is selected on this machine, which has none of their hardware."""
     wheels = tmp_path / "wheels"
     _wheelhouse_module().build_wheels(wheels)
     built = {p.name.split("-")[0] for p in wheels.glob("*.whl")}
@@ -94,7 +100,7 @@ def test_engine_cuda_installs_offline_from_wheels_and_registers_its_plugin(tmp_p
     clean_env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index",
-         "--find-links", str(wheels), "engine[cuda]"],
+         "--find-links", str(wheels), f"engine[{','.join(VENDORS)}]"],
         check=True, env=clean_env, cwd=tmp_path)
 
     probe = ("import importlib.metadata as md, json, engine, engine_cuda; print(json.dumps("
@@ -103,7 +109,9 @@ def test_engine_cuda_installs_offline_from_wheels_and_registers_its_plugin(tmp_p
     out = subprocess.run([python, "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env=clean_env).stdout
     found = json.loads(out)
-    assert ["cuda", "engine-cuda"] in [[n, d.replace("_", "-")] for n, d in found["eps"]]
+    eps = [[n, d.replace("_", "-")] for n, d in found["eps"]]
+    for vendor in VENDORS:
+        assert [vendor, f"engine-{vendor}"] in eps, eps
     assert found["engine"].startswith(str(env_dir)), found  # the wheel, not the checkout
     assert found["engine_cuda"].startswith(str(env_dir)), found
 
@@ -111,8 +119,9 @@ def test_engine_cuda_installs_offline_from_wheels_and_registers_its_plugin(tmp_p
                              text=True, cwd=tmp_path, env=clean_env, timeout=300)
     assert plugins.returncode == 0, plugins.stdout + plugins.stderr
     rows = {line.split()[0]: line.split() for line in plugins.stdout.splitlines() if line}
-    assert "cuda" in rows, plugins.stdout
-    name, distribution, available = rows["cuda"][:3]
-    assert distribution.replace("_", "-") == "engine-cuda", plugins.stdout
-    assert available == "no", plugins.stdout  # no GPU on the test machine
+    for vendor in VENDORS:
+        assert vendor in rows, plugins.stdout
+        name, distribution, available = rows[vendor][:3]
+        assert distribution.replace("_", "-") == f"engine-{vendor}", plugins.stdout
+        assert available == "no", plugins.stdout  # none of their hardware here
     assert "selected: cpu" in plugins.stdout
