@@ -21,6 +21,7 @@ from platforms.interface import (
     DeviceEvent,
     ModelForward,
     Platform,
+    QueuedDeviceEvent,
     TorchDistributedCommunicator,
 )
 from platforms.kernels import KernelImpl
@@ -45,23 +46,6 @@ def _npu():
 
     return torch.npu
 
-
-class NpuEvent(DeviceEvent):
-    """A torch.npu.Event with timing, recorded on the current stream."""
-
-    def __init__(self) -> None:
-        self._event = _npu().Event(enable_timing=True)
-
-    def record(self) -> None:
-        self._event.record()
-
-    def synchronize(self) -> None:
-        self._event.synchronize()
-
-    def elapsed_ms(self, end: DeviceEvent) -> float:
-        if not isinstance(end, NpuEvent):
-            raise TypeError(f"elapsed_ms needs another NpuEvent, got {type(end).__name__}.")
-        return float(self._event.elapsed_time(end._event))
 
 
 class HcclCommunicator(TorchDistributedCommunicator):
@@ -109,7 +93,7 @@ class AscendPlatform(Platform):
         return int(_npu().max_memory_reserved())
 
     def create_event(self) -> DeviceEvent:
-        return NpuEvent()
+        return QueuedDeviceEvent(_npu().Event)
 
     # ---- config ----
     def validate(self, config) -> list[str]:

@@ -20,6 +20,7 @@ from platforms.interface import (
     GraphRunner,
     ModelForward,
     Platform,
+    QueuedDeviceEvent,
 )
 
 if TYPE_CHECKING:
@@ -38,23 +39,6 @@ TRITON_KERNELS: dict[str, str] = {
 # Above the torch reference (0); a kernel library can still outbid it through engine_kernels.
 TRITON_KERNEL_PRIORITY = 10
 
-
-class CudaEvent(DeviceEvent):
-    """A torch.cuda.Event with timing, recorded on the current stream."""
-
-    def __init__(self) -> None:
-        self._event = torch.cuda.Event(enable_timing=True)
-
-    def record(self) -> None:
-        self._event.record()
-
-    def synchronize(self) -> None:
-        self._event.synchronize()
-
-    def elapsed_ms(self, end: DeviceEvent) -> float:
-        if not isinstance(end, CudaEvent):
-            raise TypeError(f"elapsed_ms needs another CudaEvent, got {type(end).__name__}.")
-        return float(self._event.elapsed_time(end._event))
 
 
 class CudaPlatform(Platform):
@@ -112,7 +96,7 @@ class CudaPlatform(Platform):
         return gen
 
     def create_event(self) -> DeviceEvent:
-        return CudaEvent()
+        return QueuedDeviceEvent(torch.cuda.Event)
 
     # ---- config ----
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -21,6 +21,7 @@ from platforms.interface import (
     DeviceEvent,
     ModelForward,
     Platform,
+    QueuedDeviceEvent,
     TorchDistributedCommunicator,
 )
 from platforms.static_attention import StaticPagedAttentionBackend
@@ -44,23 +45,6 @@ def hpu_available() -> bool:
     except (ImportError, RuntimeError):  # a broken install counts as absent
         return False
 
-
-class HpuEvent(DeviceEvent):
-    """An HPU event with timing, recorded on the current stream."""
-
-    def __init__(self) -> None:
-        self._event = _hpu().Event(enable_timing=True)
-
-    def record(self) -> None:
-        self._event.record()
-
-    def synchronize(self) -> None:
-        self._event.synchronize()
-
-    def elapsed_ms(self, end: DeviceEvent) -> float:
-        if not isinstance(end, HpuEvent):
-            raise TypeError(f"elapsed_ms needs another HpuEvent, got {type(end).__name__}.")
-        return float(self._event.elapsed_time(end._event))
 
 
 class HcclCommunicator(TorchDistributedCommunicator):
@@ -106,7 +90,7 @@ class GaudiPlatform(Platform):
         _hpu().synchronize()
 
     def create_event(self) -> DeviceEvent:
-        return HpuEvent()
+        return QueuedDeviceEvent(_hpu().Event)
 
     def make_generator(self, seed: int) -> torch.Generator:
         # Per-request seeded sampling draws on the host (no HPU torch.Generator is assumed).
