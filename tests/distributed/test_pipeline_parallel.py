@@ -203,3 +203,42 @@ def test_kv_cache_is_sized_for_the_stage_layers(tiny_llama_kv1):
         blocks.append(llm.core.num_blocks)
         llm.core.shutdown()
     assert blocks[1] == 2 * blocks[0]
+
+
+def test_served_pp2_runs_and_a_killed_stage_kills_the_engine_loudly(tiny_llama_kv1):
+    """`engine serve -pp 2`'s path: the core in its own process with two stage workers as
+    its children; requests finish, a killed stage reaches the client as EngineDeadError."""
+    from engine.config import EngineArgs
+    from engine.engine_core.mp_client import EngineDeadError, SyncMPClient
+    from tests.distributed.test_mp_served import _alive, _children, _finish, _request
+
+    args = EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=16)
+    client = SyncMPClient(args, log_level="warning")
+    core_pid = client.pid
+    try:
+        client.wait_until_ready(timeout_s=300)
+        workers = _children(core_pid)
+        assert len(workers) == 2, workers
+        for rid in ("a", "b", "c"):
+            client.add_request(_request(rid))
+        tokens: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+        finished: set[str] = set()
+        give_up = time.monotonic() + 60
+        while finished != set(tokens) and time.monotonic() < give_up:
+            for out in client.get_output().outputs:
+                tokens[out.request_id] += out.new_token_ids
+                if out.finished:
+                    finished.add(out.request_id)
+        assert [len(t) for t in tokens.values()] == [4, 4, 4]
+        os.kill(workers[0], signal.SIGKILL)
+        start = time.monotonic()
+        client.add_request(_request("d"))
+        with pytest.raises(EngineDeadError, match="worker rank 0"):
+            _finish(client, "d")
+        assert time.monotonic() - start < 15
+    finally:
+        client.shutdown()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in [core_pid, *workers]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in [core_pid, *workers])
