@@ -36,7 +36,7 @@ def slow(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "engine", "platforms", "tests")
+    session.run("ruff", "check", "engine", "platforms", "plugins", "tests", "scripts")
 
 
 @nox.session
