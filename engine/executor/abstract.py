@@ -10,6 +10,7 @@ An executor that can hold several batches at once (pipeline parallelism) says so
 from __future__ import annotations
 
 import abc
+from typing import Any, Optional
 
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
@@ -53,3 +54,39 @@ class Executor(abc.ABC):
 
     def shutdown(self) -> None:  # noqa: B027 (optional)
         """Release workers and their memory."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process (or actor) exited or failed while the engine needed it."""
+
+
+class RankedExecutor(Executor):
+    """An executor over one worker per rank, whatever carries the calls (processes and ZMQ,
+    Ray actors): each verb is one `_call` on every rank, answered in rank order. After a
+    failure the executor stays failed, and every later call says why."""
+
+    _failure: Optional[str] = None
+
+    @abc.abstractmethod
+    def _call(self, method: str, *args: Any) -> list[Any]:
+        """Run `method` on every rank; their answers in rank order."""
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        raise WorkerDiedError(reason)
+
+    def load_model(self) -> None:
+        self._call("load_model")
+
+    def determine_num_blocks(self) -> int:
+        return min(self._call("determine_num_blocks"))  # every rank must hold them
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._call("initialize_kv_cache", num_blocks)
+
+    def warm_up(self) -> None:
+        self._call("warm_up")

@@ -34,7 +34,7 @@ from typing import Any, Optional
 from engine.config import EngineConfig
 from engine.distributed import free_port
 from engine.distributed.pipeline import stage_tokens
-from engine.executor.abstract import Executor
+from engine.executor.abstract import RankedExecutor
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.worker.worker import SHUTDOWN
 from platforms.interface import Platform
@@ -45,10 +45,6 @@ _POLL_MS = 100  # how often a waiting executor checks that its workers are alive
 _SHUTDOWN_GRACE_S = 5.0
 _PEER_DEATH_GRACE_S = 1.0  # how long a worker's error waits for a peer's death to show
 _WORKER_ENTRY = "from engine.worker.worker import main; main()"
-
-
-class WorkerDiedError(RuntimeError):
-    """A worker process exited (or failed) while the engine needed it."""
 
 
 def _stop_processes(procs: list[subprocess.Popen], ipc_dir: str) -> None:
@@ -76,7 +72,7 @@ class _PendingStep:
         return self._executor._step_result(self._call)
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, platform: Platform) -> None:
         import zmq
 
@@ -126,8 +122,7 @@ class MultiprocExecutor(Executor):
 
     def _submit(self, method: str, *args: Any) -> int:
         """Send `method(*args)` to every worker; the call's index (for `_collect`)."""
-        if self._failure is not None:
-            raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
+        self._raise_if_failed()
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for inbox in self._inboxes:
             self._send(inbox, message, method)
@@ -154,8 +149,7 @@ class MultiprocExecutor(Executor):
         """Every worker's answer to call number `call`, in rank order."""
         results = self._answers.setdefault(call, {})
         while len(results) < self.world_size:
-            if self._failure is not None:
-                raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
+            self._raise_if_failed()
             if self._outbox.poll(_POLL_MS):
                 rank, ok, payload = pickle.loads(self._outbox.recv())
                 if not ok:
@@ -191,23 +185,7 @@ class MultiprocExecutor(Executor):
                     "worker's log above and host memory (an out-of-memory kill is SIGKILL)."
                 )
 
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
-        raise WorkerDiedError(reason)
-
-    # ---- the four verbs ----
-    def load_model(self) -> None:
-        self._call("load_model")
-
-    def determine_num_blocks(self) -> int:
-        return min(self._call("determine_num_blocks"))  # every rank must hold them
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._call("initialize_kv_cache", num_blocks)
-
-    def warm_up(self) -> None:
-        self._call("warm_up")
-
+    # ---- the four verbs (load, size, warm up: RankedExecutor) ----
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(scheduler_output).result()
 

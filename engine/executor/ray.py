@@ -28,8 +28,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from engine.config import EngineConfig
-from engine.executor.abstract import Executor
-from engine.executor.mp import WorkerDiedError
+from engine.executor.abstract import RankedExecutor
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from platforms.interface import Platform
 
@@ -112,7 +111,7 @@ class RankActor:
             self.worker = None
 
 
-class RayExecutor(Executor):
+class RayExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, platform: Platform) -> None:
         ray = self._ray = import_ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -182,8 +181,7 @@ class RayExecutor(Executor):
     # ---- calls ----
     def _call(self, method: str, *args: Any) -> list[Any]:
         """Run `method(*args)` on every rank; their results in rank order."""
-        if self._failure is not None:
-            raise WorkerDiedError(f"The engine's workers failed earlier: {self._failure}")
+        self._raise_if_failed()
         args_ref = self._ray.put(args)  # serialized once, read by every actor
         return self._gather([a.call.remote(method, args_ref) for a in self.actors], method)
 
@@ -236,23 +234,7 @@ class RayExecutor(Executor):
             return f" (node {ip}, pid {pid})"
         return ""
 
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
-        raise WorkerDiedError(reason)
-
-    # ---- the four verbs ----
-    def load_model(self) -> None:
-        self._call("load_model")
-
-    def determine_num_blocks(self) -> int:
-        return min(self._call("determine_num_blocks"))  # every rank must hold them
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._call("initialize_kv_cache", num_blocks)
-
-    def warm_up(self) -> None:
-        self._call("warm_up")
-
+    # ---- the four verbs (load, size, warm up: RankedExecutor) ----
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._call("execute_model", scheduler_output)[0]
 

@@ -13,7 +13,8 @@ import pytest
 from engine.config import EngineArgs
 from engine.engine_core.core import EngineCore
 from engine.entrypoints.llm import LLM
-from engine.executor.mp import MultiprocExecutor, WorkerDiedError
+from engine.executor.abstract import WorkerDiedError
+from engine.executor.mp import MultiprocExecutor
 from engine.sampling_params import SamplingParams
 from tests.distributed.conftest import assert_same_generation, run_engine
 

@@ -79,7 +79,7 @@ def test_tp2_pp2_equals_tp1(tiny_llama_kv1):
 
 def test_killed_stage_fails_the_engine_in_seconds(tiny_llama_kv1):
     from engine.entrypoints.llm import LLM
-    from engine.executor.mp import WorkerDiedError
+    from engine.executor.abstract import WorkerDiedError
 
     llm = LLM(tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=64, max_model_len=256)
     try:
@@ -100,7 +100,7 @@ def test_first_stage_killed_mid_generation_fails_the_engine_in_seconds(tiny_llam
     waiting for activations that never come, and the executor's watch reports the dead rank
     instead of hanging."""
     from engine.entrypoints.llm import LLM
-    from engine.executor.mp import WorkerDiedError
+    from engine.executor.abstract import WorkerDiedError
 
     llm = LLM(tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=64, max_model_len=256,
               max_num_seqs=8)

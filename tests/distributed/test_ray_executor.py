@@ -49,7 +49,7 @@ def test_tp2_on_ray_equals_tp1(ray_cluster, tiny_llama_kv1):
 def test_killed_actor_fails_the_engine_in_seconds_and_shutdown_cleans_up(ray_cluster,
                                                                         tiny_llama_kv1):
     from engine.entrypoints.llm import LLM
-    from engine.executor.mp import WorkerDiedError
+    from engine.executor.abstract import WorkerDiedError
     from engine.sampling_params import SamplingParams
 
     llm = LLM(tiny_llama_kv1, tensor_parallel_size=2, distributed_executor_backend="ray",
