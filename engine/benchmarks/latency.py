@@ -123,13 +123,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="Also run HF transformers generate on the same prompts.")
     parser.add_argument("--hf-num-iters", type=int, default=None,
                         help="Timed runs of the HF peer (default: --num-iters).")
-    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=True,
-                        help="Measure copy bandwidth and matmul rate in this run and print "
-                        "the bandwidth roofline.")
-    parser.add_argument("--roofline-copy-mib", type=int, default=1024,
-                        help="Size of the tensor copied to measure bandwidth.")
-    parser.add_argument("--roofline-matmul-size", type=int, default=8192,
-                        help="n of the n x n x n bf16 product that measures the matmul rate.")
+    roofline.add_ceiling_args(parser, default=True, measures="bandwidth roofline")
     add_engine_args(parser)
 
 

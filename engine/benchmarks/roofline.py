@@ -93,6 +93,19 @@ def _weights_read_per_step(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def add_ceiling_args(parser, *, default: bool, measures: str) -> None:
+    """The flags both benchmarks share for measuring the device's ceilings in the run."""
+    import argparse
+
+    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=default,
+                        help="Measure copy bandwidth and matmul rate in this run and print "
+                        f"the {measures}.")
+    parser.add_argument("--roofline-copy-mib", type=int, default=1024,
+                        help="Size of the tensor copied to measure bandwidth.")
+    parser.add_argument("--roofline-matmul-size", type=int, default=8192,
+                        help="n of the n x n x n bf16 product that measures the matmul rate.")
+
+
 def counted_model(llm) -> nn.Module:
     """The model whose parameters the rooflines count: the engine's own when it runs in this
     process, else (workers in other processes) the same architecture built on the meta

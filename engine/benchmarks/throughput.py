@@ -199,13 +199,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "workload would take it too long (rates stay comparable per token).")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="Every request produces exactly its output length.")
-    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=False,
-                        help="Measure copy bandwidth and matmul rate in this run and print "
-                        "the compute roofline (2 x non-embedding params flop per token).")
-    parser.add_argument("--roofline-copy-mib", type=int, default=1024,
-                        help="Size of the tensor copied to measure bandwidth.")
-    parser.add_argument("--roofline-matmul-size", type=int, default=8192,
-                        help="n of the n x n x n bf16 product that measures the matmul rate.")
+    from engine.benchmarks import roofline
+
+    roofline.add_ceiling_args(parser, default=False, measures="compute roofline (2 x non-embedding params flop per token)")
     add_engine_args(parser)
 
 
