@@ -19,6 +19,7 @@ from platforms.testing.attention import (
 from platforms.testing.communicator import check_communicator
 from platforms.testing.device import check_device, check_events, check_memory_info
 from platforms.testing.graph import DEFAULT_BATCHES, check_graph_runner, write_tiny_llama
+from platforms.testing.install import install_plugin_into_fresh_env
 from platforms.testing.kernels import check_kernel_overrides
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "check_graph_runner",
     "check_kernel_overrides",
     "check_memory_info",
+    "install_plugin_into_fresh_env",
     "write_tiny_llama",
 ]

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import site
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
+
+from platforms.testing import install_plugin_into_fresh_env
 
 HERE = Path(__file__).parent / "thirdparty"
 
@@ -21,22 +20,7 @@ HERE = Path(__file__).parent / "thirdparty"
 def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new venv that sees this environment's packages (torch, engine) through a .pth file,
     with engine-demo-accel pip-installed (not editable) into it."""
-    root = tmp_path_factory.mktemp("plugin-env")
-    venv.EnvBuilder(with_pip=False).create(root)
-    python = root / "bin" / "python"
-    purelib = subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip()
-    # `import` lines of a .pth run at startup; addsitedir also runs the outer env's own .pth
-    # files, which is where the editable install of engine lives.
-    lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
-    Path(purelib, "outer-env.pth").write_text("\n".join(lines) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-build-isolation", "--no-index", "--quiet", str(HERE)],
-        check=True, timeout=180,
-    )
-    return python
+    return install_plugin_into_fresh_env(HERE, tmp_path_factory.mktemp("plugin-env"))
 
 
 def test_demo_plugin_is_a_real_installed_distribution(plugin_env: Path):

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import site
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
+
+from platforms.testing import install_plugin_into_fresh_env
 
 PLUGIN = Path(__file__).resolve().parents[1]
 
@@ -35,20 +34,7 @@ print(json.dumps(out))
 def plugin_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new venv seeing this environment's packages (torch, engine) through a .pth file, with
     engine-spyre installed from its source folder as a regular wheel install."""
-    root = tmp_path_factory.mktemp("spyre-env")
-    venv.EnvBuilder(with_pip=False).create(root)
-    python = root / "bin" / "python"
-    purelib = subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip()
-    lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
-    Path(purelib, "outer-env.pth").write_text("\n".join(lines) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-build-isolation", "--no-index", "--quiet", str(PLUGIN)],
-        check=True, timeout=300,
-    )
-    return python
+    return install_plugin_into_fresh_env(PLUGIN, tmp_path_factory.mktemp("spyre-env"))
 
 
 def _env(**extra: str) -> dict[str, str]:
