@@ -1,20 +1,57 @@
 """NCCL collectives for the CUDA platform, over a torch.distributed group.
 
-Rule: every collective is one native NCCL call on contiguous tensors (no emulation through
+Rule: every collective is one native call on contiguous tensors (no emulation through
 all_reduce as the gloo-safe base class does), so each costs what NCCL costs and can be
-captured in a CUDA graph.
+captured in a CUDA graph; small all-reduces on GPUs of one host take a one-shot
+symmetric-memory kernel instead (`symm_allreduce.py`), chosen alike on every rank.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 
+from engine_cuda.symm_allreduce import SymmAllReduce
 from platforms.interface import TorchDistributedCommunicator
+
+logger = logging.getLogger(__name__)
 
 
 class NcclCommunicator(TorchDistributedCommunicator):
     """`TorchDistributedCommunicator` with NCCL's reduce_scatter, all_gather into one tensor,
-    and all_to_all_single."""
+    and all_to_all_single, and a symmetric-memory all-reduce for small messages.
+
+    Construction is collective over `group` when the group has 2..8 ranks (the fast path's
+    setup agrees on every rank); `use_symm_mem=False` skips it and keeps NCCL for all."""
+
+    def __init__(self, group: torch.distributed.ProcessGroup, use_symm_mem: bool = True) -> None:
+        super().__init__(group)
+        self.fast_all_reduce: Optional[SymmAllReduce] = None
+        reason = "turned off by the caller"
+        if use_symm_mem:
+            device = torch.device("cuda", torch.cuda.current_device())
+            self.fast_all_reduce, reason = SymmAllReduce.create(group, device)
+        if self.fast_all_reduce is not None:
+            self.all_reduce_path = (f"symmetric-memory one-shot up to "
+                                    f"{self.fast_all_reduce.max_bytes // 1024} KiB, NCCL above")
+        else:
+            self.all_reduce_path = f"NCCL ({reason})"
+        if self.world_size > 1:
+            log = logger.info if self.rank == 0 else logger.debug
+            log("all-reduce over %d ranks: %s", self.world_size, self.all_reduce_path)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_all_reduce
+        if fast is not None and fast.can_reduce(x):
+            return fast.all_reduce(x)
+        return super().all_reduce(x)
+
+    def destroy(self) -> None:
+        if self.fast_all_reduce is not None:
+            self.fast_all_reduce.destroy()
+            self.fast_all_reduce = None
 
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         x = x.contiguous()
