@@ -1,6 +1,7 @@
 """Where the offline-throughput workload's time goes on one GPU: the run against the compute
 roofline, host vs device time of every piece of every engine step, and a torch.profiler
-window of the steady state with GPU kernel time by category.
+window on mixed (prompt + decode) steps and one on decode-only steps, with GPU kernel time by
+category.
 
     python plugins/cuda/scripts/profile_throughput.py MODEL_DIR --num-prompts 300 \\
         --input-len 1024 --output-len 128 [--max-num-seqs 256] \\
@@ -12,11 +13,14 @@ weights in bf16 (the defaults here). `--device cpu` runs every path but the GPU 
   warm-up   a few prompts, so first-call costs (Triton JIT, allocator) stay out of the rest;
   clean     the workload, no probes: total tok/s against the compute roofline;
   probed    the workload with per-step probes (throughput_probes.StepClock);
-  profiled  the workload with probes and a torch.profiler window of --window-steps steps
-            from --window-at of the probed run's steps; the run is aborted after it.
+  profiled  the workload with probes and two torch.profiler windows of --window-steps steps
+            each, in the middle of the probed run's longest stretch of mixed steps and of
+            decode-only steps (the same schedule repeats); the run is aborted after them.
+            Their category shares, weighted by each kind's share of the probed run's wall
+            time, estimate where the whole run's device time goes.
 Then the engine is freed and copy bandwidth and matmul rate are measured on the same device
-(engine.benchmarks.roofline). Tables go to stdout, summary.json, kernels.txt and
-trace.json.gz (chrome://tracing, Perfetto) to --out.
+(engine.benchmarks.roofline). Tables go to stdout; summary.json, kernels_{mixed,decode}.txt
+and trace_{mixed,decode}.json.gz (chrome://tracing, Perfetto) to --out.
 
 Rule: nothing in engine/ changes; the probes patch instance attributes of the live objects
 and remove them after each run.
@@ -54,7 +58,7 @@ from engine.entrypoints.args import add_engine_args, engine_args_from_namespace 
 
 
 class WindowDone(Exception):
-    """Raised from the step after the profiler window: ends the profiled run early."""
+    """Raised from the step that closes the last profiler window: ends the run early."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Prompts of the warm-up run (0: none).")
     ap.add_argument("--clean-run", action=argparse.BooleanOptionalAction, default=True,
                     help="Time the workload once without probes (the headline tok/s).")
-    ap.add_argument("--window-steps", type=int, default=20, help="Steps the profiler sees.")
-    ap.add_argument("--window-at", type=float, default=1 / 3,
-                    help="Where the window starts, as a fraction of the probed run's steps.")
+    ap.add_argument("--window-steps", type=int, default=12,
+                    help="Steps in each profiler window (mixed, decode-only).")
     roofline.add_ceiling_args(ap, default=True,
                               measures="compute roofline (2 x non-embedding params flop/token)")
     add_engine_args(ap)
@@ -93,64 +96,74 @@ def probed_run(llm: Any, platform: Any, workload: Any) -> tuple[Result, probes.S
     return result, clock
 
 
-def profiled_run(llm: Any, platform: Any, workload: Any, start: int, num_steps: int,
-                 on_gpu: bool) -> dict[str, Any]:
-    """Probes plus a torch.profiler window over steps [start, start + num_steps), with the
-    device synchronized at both ends so the window's wall time is honest."""
+def profiled_run(llm: Any, platform: Any, workload: Any, windows: dict[str, tuple[int, int]],
+                 on_gpu: bool) -> dict[str, dict[str, Any]]:
+    """Probes plus one torch.profiler window per entry of `windows` ({kind: (first step,
+    steps)}), the device synchronized at both ends of each so its wall time is honest. The
+    run is aborted after the last window."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    prof = profile(activities=activities)
     clock = probes.StepClock(llm, platform)
-    state: dict[str, Any] = {"running": False}
-    last = start + num_steps - 1
-
-    def stop() -> None:
-        platform.synchronize()
-        state["wall_s"] = time.perf_counter() - state["t0"]
-        state["end"] = len(clock.steps)
-        prof.stop()
-        state["running"] = False
+    by_start = {start: kind for kind, (start, _) in windows.items()}
+    by_last = {start + n - 1: kind for kind, (start, n) in windows.items()}
+    done: dict[str, dict[str, Any]] = {}
+    state: dict[str, Any] = {}
 
     def on_start(index: int) -> None:
-        if index == start:
+        if index in by_start:
             platform.synchronize()
-            prof.start()
-            state["t0"], state["running"] = time.perf_counter(), True
+            state["prof"] = profile(activities=activities)
+            state["prof"].start()
+            state["t0"] = time.perf_counter()
 
     def on_end(index: int) -> None:
-        if index == last and state["running"]:
-            stop()
-            raise WindowDone
+        if index in by_last:
+            platform.synchronize()
+            wall_s = time.perf_counter() - state["t0"]
+            state["prof"].stop()
+            kind = by_last[index]
+            done[kind] = {"prof": state.pop("prof"), "wall_s": wall_s,
+                          "first": windows[kind][0], "last": index}
+            if len(done) == len(windows):
+                raise WindowDone
 
     clock.on_step_start, clock.on_step_end = on_start, on_end
     clock.install()
     try:
         run_engine(llm, workload)
-        if state["running"]:  # the run ended inside the window
-            stop()
     except WindowDone:
         pass
     finally:
         clock.uninstall()
+        if "prof" in state:  # the run ended inside a window (it should not: same schedule)
+            state["prof"].stop()
     clock.finish()
-    if "wall_s" not in state:
-        raise RuntimeError(f"the profiled run had {len(clock.steps)} steps, fewer than the "
-                           f"window start {start}; lower --window-at or raise --num-prompts.")
-    return {"prof": prof, "steps": clock.steps[start:state["end"]], "wall_s": state["wall_s"]}
+    for w in done.values():
+        w["steps"] = clock.steps[w["first"]:w["last"] + 1]
+    missing = set(windows) - set(done)
+    if missing:
+        raise RuntimeError(f"the profiled run ended ({len(clock.steps)} steps) before the "
+                           f"window(s) {sorted(missing)} {windows}; its schedule differed "
+                           "from the probed run's.")
+    return done
 
 
 # ---- analysis ----------------------------------------------------------------------------
 
-def kernel_stats(prof: Any) -> list[probes.KernelStat]:
-    """Device-side events (kernels, memcpy, memset) of a profile, by name."""
-    from torch.autograd import DeviceType
-
-    stats = []
-    for e in prof.key_averages():
-        if e.device_type == DeviceType.CUDA:
-            stats.append(probes.KernelStat(e.key, e.count, float(e.self_device_time_total)))
-    return sorted(stats, key=lambda s: -s.device_us)
+def kernel_stats(prof: Any, out: Path, kind: str) -> tuple[list[probes.KernelStat], float]:
+    """Device work of a window from its chrome trace (kept gzipped in `out`), and the busy
+    time; the profiler's own table goes to kernels_{kind}.txt."""
+    trace_path = out / f"trace_{kind}.json"
+    prof.export_chrome_trace(str(trace_path))
+    with open(trace_path, encoding="utf-8") as f:
+        trace = json.load(f)
+    with open(trace_path, "rb") as src, gzip.open(str(trace_path) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace_path.unlink()
+    (out / f"kernels_{kind}.txt").write_text(
+        prof.key_averages().table(sort_by="self_device_time_total", row_limit=60))
+    return probes.trace_kernel_stats(trace)
 
 
 def bucket_rows(steps: list[probes.StepRecord], key: str) -> list[dict[str, Any]]:
@@ -189,10 +202,10 @@ def _mean_or_none(values: list[Optional[float]]) -> Optional[float]:
     return statistics.fmean(present) if present else None
 
 
-def window_summary(window: dict[str, Any], num_params: int, head_params: int,
-                   on_gpu: bool) -> dict[str, Any]:
+def window_summary(kind: str, window: dict[str, Any], num_params: int, head_params: int,
+                   out: Path) -> dict[str, Any]:
     steps, wall_us = window["steps"], 1e6 * window["wall_s"]
-    stats = kernel_stats(window["prof"]) if on_gpu else []
+    stats, busy_us = kernel_stats(window["prof"], out, kind)
     grouped = probes.group_kernels(stats)
     kernel_us = sum(s.device_us for s in stats)
     tokens = sum(s.num_tokens for s in steps)
@@ -201,15 +214,37 @@ def window_summary(window: dict[str, Any], num_params: int, head_params: int,
     gemm_flop = 2 * (num_params - head_params) * tokens + 2 * head_params * sampled
     gemm_us = grouped["gemm"][1]
     return {
-        "steps": len(steps), "tokens": tokens, "sampled_rows": sampled,
+        "kind": kind, "first_step": window["first"], "steps": len(steps), "tokens": tokens,
+        "mean_reqs": statistics.fmean(s.num_reqs for s in steps) if steps else 0.0,
+        "sampled_rows": sampled,
         "wall_ms": wall_us / 1000, "kernel_ms": kernel_us / 1000,
         "gpu_busy": kernel_us / wall_us if wall_us else 0.0,
+        "gpu_busy_union": busy_us / wall_us if wall_us else 0.0,
         "categories": {c: {"calls": n, "ms": us / 1000, "share_of_wall": us / wall_us}
                        for c, (n, us) in grouped.items()},
         "gemm_tflop_per_s": gemm_flop / (gemm_us * 1e-6) / 1e12 if gemm_us else None,
         "top_kernels": [{"name": s.name, "category": s.category, "calls": s.count,
                          "ms": s.device_us / 1000} for s in stats[:15]],
     }
+
+
+def kind_weights(steps: list[probes.StepRecord], run_s: float) -> dict[str, float]:
+    """Share of the run's wall time spent in mixed steps and in decode-only steps."""
+    mixed = sum(s.wall_ms for s in steps if s.num_tokens and not s.is_decode_only) / 1000
+    decode = sum(s.wall_ms for s in steps if s.num_tokens and s.is_decode_only) / 1000
+    return {"mixed": mixed / run_s, "decode": decode / run_s}
+
+
+def weighted_categories(summaries: dict[str, dict[str, Any]],
+                        weights: dict[str, float]) -> dict[str, float]:
+    """Estimated share of the whole run's wall time per kernel category (and "busy"): each
+    window's share of its own wall time, weighted by its kind's share of the run."""
+    estimate: dict[str, float] = {}
+    for kind, w in summaries.items():
+        for c, v in w["categories"].items():
+            estimate[c] = estimate.get(c, 0.0) + weights[kind] * v["share_of_wall"]
+        estimate["busy"] = estimate.get("busy", 0.0) + weights[kind] * w["gpu_busy_union"]
+    return estimate
 
 
 def head_parameters(model: torch.nn.Module) -> int:
@@ -243,9 +278,12 @@ def print_buckets(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def print_window(w: dict[str, Any]) -> None:
-    print(f"\n# profiler window: {w['steps']} steps, {w['tokens']} tokens, "
+    print(f"\n# profiler window, {w['kind']} steps {w['first_step']}.."
+          f"{w['first_step'] + w['steps'] - 1}: {w['tokens']} tokens, "
+          f"{w['mean_reqs']:.0f} requests/step, "
           f"{w['wall_ms']:.1f} ms wall, kernels {w['kernel_ms']:.1f} ms = "
-          f"{100 * w['gpu_busy']:.1f}% GPU busy")
+          f"{100 * w['gpu_busy']:.1f}% GPU busy (union of intervals "
+          f"{100 * w['gpu_busy_union']:.1f}%)")
     print(f"{'category':10s} {'calls':>7s} {'ms':>9s} {'% wall':>7s}")
     for c, v in w["categories"].items():
         print(f"{c:10s} {v['calls']:7d} {v['ms']:9.2f} {100 * v['share_of_wall']:7.1f}")
@@ -254,6 +292,13 @@ def print_window(w: dict[str, Any]) -> None:
     print("top kernels:")
     for k in w["top_kernels"]:
         print(f"  {k['ms']:9.2f} ms {k['calls']:6d}x {k['category']:9s} {k['name'][:110]}")
+
+
+def print_estimate(estimate: dict[str, float], weights: dict[str, float]) -> None:
+    print(f"\n# whole-run estimate (mixed steps {100 * weights['mixed']:.1f}% of the run, "
+          f"decode-only {100 * weights['decode']:.1f}%): kernel time as % of run wall")
+    for c, share in estimate.items():
+        print(f"{c:10s} {100 * share:6.1f}")
 
 
 def print_summary(rows: list[tuple[str, str]]) -> None:
@@ -272,9 +317,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("profile_throughput needs a CUDA GPU (torch.cuda.is_available() is False); run "
               "it on the GPU machine, or pass --device cpu for a smoke run.", file=sys.stderr)
         return 2
-    if args.window_steps < 1 or not 0 <= args.window_at < 1:
-        print(f"--window-steps must be >= 1 (got {args.window_steps}) and --window-at in "
-              f"[0, 1) (got {args.window_at}).", file=sys.stderr)
+    if args.window_steps < 1:
+        print(f"--window-steps must be >= 1 (got {args.window_steps}).", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,9 +360,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"probed run: {probed.seconds:.2f} s, {len(clock.steps)} steps"
           + (f"; not in this engine, so not timed: {', '.join(clock.skipped)}"
              if clock.skipped else ""))
-    start = int(len(clock.steps) * args.window_at)
-    window = profiled_run(llm, platform, workload(2), start, args.window_steps, on_gpu)
-    print(f"profiled run: window of steps {start}..{start + len(window['steps']) - 1}")
+    windows = probes.choose_windows(clock.steps, args.window_steps)
+    profiled = profiled_run(llm, platform, workload(2), windows, on_gpu)
+    print("profiled run: " + ", ".join(f"{k} steps {a}..{a + n - 1}"
+                                       for k, (a, n) in windows.items()))
 
     model = roofline.counted_model(llm)
     num_params, head_params = roofline.non_embedding_params(model), head_parameters(model)
@@ -332,32 +377,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     token_rows, req_rows = bucket_rows(clock.steps, "tokens"), bucket_rows(clock.steps, "reqs")
     print_buckets(token_rows, "scheduled tokens")
     print_buckets(req_rows, "scheduled requests")
-    w = window_summary(window, num_params, head_params, on_gpu)
-    print_window(w)
-    _write_profile_files(window["prof"], out, on_gpu)
+    summaries = {k: window_summary(k, w, num_params, head_params, out)
+                 for k, w in profiled.items()}
+    for w in summaries.values():
+        print_window(w)
+        if on_gpu and w["kernel_ms"] == 0:
+            print(f"WARNING: the profiler recorded no device work in the {w['kind']} window; "
+                  f"see kernels_{w['kind']}.txt")
+    weights = kind_weights(clock.steps, probed.seconds)
+    estimate = weighted_categories(summaries, weights)
+    print_estimate(estimate, weights)
 
-    report.update(_summary(clean, probed, clock, totals, w, ceilings, num_params))
+    report.update(_summary(clean, probed, clock, totals, summaries, estimate, ceilings,
+                           num_params))
     report.update({"pieces_s": totals, "buckets_by_tokens": token_rows,
-                   "buckets_by_reqs": req_rows, "window": w})
+                   "buckets_by_reqs": req_rows, "windows": summaries,
+                   "kind_weights": weights, "estimated_share_of_run": estimate})
     (out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
     print_summary(report["summary_rows"])
-    print(f"files: {out}/summary.json, kernels.txt, trace.json.gz")
+    print(f"files in {out}: summary.json, kernels_<kind>.txt, trace_<kind>.json.gz")
     return 0
 
 
-def _write_profile_files(prof: Any, out: Path, on_gpu: bool) -> None:
-    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    (out / "kernels.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60))
-    trace = out / "trace.json"
-    prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    trace.unlink()
-
-
 def _summary(clean: Optional[Result], probed: Result, clock: probes.StepClock,
-             totals: dict[str, float], w: dict[str, Any], ceilings: Any,
-             num_params: int) -> dict[str, Any]:
+             totals: dict[str, float], summaries: dict[str, dict[str, Any]],
+             estimate: dict[str, float], ceilings: Any, num_params: int) -> dict[str, Any]:
     """The last table: headline rate, roofline, where the run's wall time went."""
     rows: list[tuple[str, str]] = []
     head = clean or probed
@@ -391,13 +435,15 @@ def _summary(clean: Optional[Result], probed: Result, clock: probes.StepClock,
                          ("sampler incl. sync wait", probes.SAMPLER)):
         rows.append((f"  {label}", f"{totals[piece]:.2f} s = "
                      f"{100 * totals[piece] / probed.seconds:.1f}% of the probed run"))
-    rows.append(("profiler window GPU busy", f"{100 * w['gpu_busy']:.1f}% of "
-                 f"{w['wall_ms']:.0f} ms ({w['steps']} steps, {w['tokens']} tokens)"))
-    shares = ", ".join(f"{c} {100 * v['share_of_wall']:.1f}%" for c, v in w["categories"].items()
-                       if v["ms"] > 0)
-    rows.append(("  kernel time by category", shares or "(no device kernels: CPU run)"))
-    if w["gemm_tflop_per_s"] is not None:
-        rows.append(("  GEMM rate in the window", f"{w['gemm_tflop_per_s']:.0f} TFLOP/s"))
+    for kind, w in summaries.items():
+        rows.append((f"{kind} window ({w['steps']} steps)",
+                     f"GPU busy {100 * w['gpu_busy_union']:.1f}% of {w['wall_ms']:.0f} ms, "
+                     f"{w['wall_ms'] / max(1, w['steps']):.1f} ms/step, "
+                     f"{w['tokens'] / max(1, w['steps']):.0f} tokens/step"
+                     + (f", GEMM {w['gemm_tflop_per_s']:.0f} TFLOP/s"
+                        if w["gemm_tflop_per_s"] is not None else "")))
+    shares = ", ".join(f"{c} {100 * v:.1f}%" for c, v in estimate.items() if v > 0)
+    rows.append(("run estimate, % of wall", shares or "(no device kernels: CPU run)"))
     out["summary_rows"] = rows
     return out
 

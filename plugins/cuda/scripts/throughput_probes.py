@@ -65,6 +65,32 @@ def group_kernels(stats: Iterable[KernelStat]) -> dict[str, tuple[int, float]]:
     return grouped
 
 
+# Chrome-trace event categories that are device work (kineto's names).
+DEVICE_TRACE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_kernel_stats(trace: dict) -> tuple[list[KernelStat], float]:
+    """Device work in a torch.profiler chrome trace: per-name stats (largest first) and the
+    busy time in us, the union of the intervals (overlapping streams counted once)."""
+    by_name: dict[str, list[float]] = {}
+    intervals = []
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") != "X" or e.get("cat") not in DEVICE_TRACE_CATEGORIES:
+            continue
+        ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
+        entry = by_name.setdefault(e.get("name", "?"), [0, 0.0])
+        entry[0] += 1
+        entry[1] += dur
+        intervals.append((ts, ts + dur))
+    busy, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            busy += hi - max(lo, end)
+            end = hi
+    stats = [KernelStat(n, int(c), us) for n, (c, us) in by_name.items()]
+    return sorted(stats, key=lambda s: -s.device_us), busy
+
+
 # ---- step buckets ----------------------------------------------------------------------
 
 TOKEN_BUCKETS = (512, 2048, 8192)  # <=512 is what the decode graphs cover
@@ -77,6 +103,28 @@ def bucket_label(value: int, edges: tuple[int, ...]) -> str:
         if value <= edge:
             return f"<={edge}"
     return f">{edges[-1]}"
+
+
+def choose_windows(steps: list[StepRecord], length: int) -> dict[str, tuple[int, int]]:
+    """{kind: (first step, number of steps)} for kind "mixed" (steps with prompt tokens) and
+    "decode" (one token per request): the middle `length` steps of the longest run of
+    consecutive steps of that kind, so a window sees that kind's steady state. A kind with
+    no steps is left out."""
+    windows = {}
+    for kind, wanted in (("mixed", False), ("decode", True)):
+        best_start, best_len, run_start = 0, 0, None
+        for i, s in enumerate(steps + [None]):  # None closes the last run
+            inside = s is not None and s.num_tokens > 0 and s.is_decode_only == wanted
+            if inside and run_start is None:
+                run_start = i
+            elif not inside and run_start is not None:
+                if i - run_start > best_len:
+                    best_start, best_len = run_start, i - run_start
+                run_start = None
+        if best_len:
+            n = min(length, best_len)
+            windows[kind] = (best_start + (best_len - n) // 2, n)
+    return windows
 
 
 # ---- per-step accounting ---------------------------------------------------------------

@@ -114,3 +114,34 @@ def test_step_clock_times_every_step_of_a_cpu_engine(probes, tmp_path):
         assert set(vars(obj)) == set(old), type(obj).__name__
     assert runner.forward is before[3]["forward"] and runner.sampler is before[3]["sampler"]
     assert "step" not in vars(llm.core) and "prepare" not in vars(runner.input_batch)
+
+
+def test_trace_kernel_stats_counts_device_events_and_merges_overlaps(probes):
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "nvjet_a", "ts": 0, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_a", "ts": 20, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "_paged_attention_kernel", "ts": 25, "dur": 10},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 50,
+         "dur": 2},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 3},
+    ]}
+    stats, busy_us = probes.trace_kernel_stats(trace)
+    assert [(s.name, s.count, s.device_us) for s in stats] == [
+        ("nvjet_a", 2, 20.0), ("_paged_attention_kernel", 1, 10.0),
+        ("Memcpy HtoD (Pinned -> Device)", 1, 2.0)]
+    assert busy_us == 10 + 15 + 2  # [20, 30) and [25, 35) overlap: 15 us, not 20
+
+
+def test_choose_windows_takes_the_middle_of_the_longest_run_of_each_kind(probes):
+    def step(tokens, reqs):
+        return probes.StepRecord(num_tokens=tokens, num_reqs=reqs)
+
+    steps = ([step(8192, 8)] + [step(8192, 100)] * 9          # 0..9 mixed (10)
+             + [step(256, 256)] * 20                         # 10..29 decode (20)
+             + [step(3000, 200)] * 3 + [step(0, 0)]           # 30..32 mixed, 33 empty
+             + [step(200, 200)] * 5)                          # 34..38 decode
+    windows = probes.choose_windows(steps, 6)
+    assert windows == {"mixed": (2, 6), "decode": (17, 6)}
+    assert probes.choose_windows(steps, 50) == {"mixed": (0, 10), "decode": (10, 20)}
+    assert probes.choose_windows([step(64, 64)] * 3, 2) == {"decode": (0, 2)}
