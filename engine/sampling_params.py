@@ -111,6 +111,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         return self.temperature < _SAMPLING_EPS
 
     @property
+    def uses_output_history(self) -> bool:
+        """Whether sampling reads the tokens sampled so far (the penalties), so the next
+        step cannot be scheduled before the last one's tokens are back."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+    @property
     def all_stop_token_ids(self) -> set[int]:
         return set(self.stop_token_ids or ())
 

@@ -65,6 +65,9 @@ class Request:
         # prompt + output, kept as one list so the hot path never concatenates.
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled by batches still in flight, values not known here yet (async
+        # scheduling: the next step is scheduled before the last one's output is back).
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[int] = None
         # Prefix-cache hit length when first scheduled; None until then.

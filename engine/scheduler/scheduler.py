@@ -11,11 +11,20 @@ With several batches in flight (pipeline parallelism, `num_micro_batches` > 1) a
 whose batch has not come back is skipped (never in two batches at once, never preempted
 while in flight), and each step takes at most 1/num_micro_batches of the requests, so the
 batches in flight share them instead of one batch holding all.
+
+Async scheduling (`async_scheduling`) is the other way to have a batch in flight: step N+1
+is scheduled while step N runs, so the host's work hides behind the device's. A request in
+flight may then be scheduled again: each token its batch will sample counts as a
+placeholder (`num_output_placeholders`) that the next step computes on, its value fed from
+the device by the worker. A request that finishes at step N has computed one token too many
+at N+1, which is discarded. Requests whose sampling reads their own history (penalties)
+and requests with max_tokens reached by placeholders wait for their batch instead.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -52,11 +61,16 @@ class Scheduler:
     def __init__(
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
         constraints: Optional[StaticBatching] = None, num_micro_batches: int = 1,
+        async_scheduling: bool = False,
     ) -> None:
+        if async_scheduling and (num_micro_batches > 1 or constraints is not None):
+            raise ValueError("Async scheduling works with one micro-batch and no static "
+                             "batching constraints.")
         self.config = config
         self.num_micro_batches = num_micro_batches
-        # Scheduled, output not back yet (at most one step's worth without pipelining).
-        self._in_flight: set[str] = set()
+        self.async_scheduling = async_scheduling
+        # Scheduled, output not back yet: {req_id: batches in flight holding it}.
+        self._in_flight: Counter[str] = Counter()
         # The platform's shape limits (None: any step the budget allows).
         self.constraints = constraints
         self.block_size = cache_config.block_size
@@ -170,21 +184,36 @@ class Scheduler:
         )
         self._finished_req_ids = set()
         for req_id, num_tokens in step.num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += num_tokens
-        self._in_flight.update(step.num_scheduled)
+            request = self.requests[req_id]
+            request.num_computed_tokens += num_tokens
+            if request.num_computed_tokens >= request.num_tokens:  # this step samples
+                request.num_output_placeholders += 1
+        self._in_flight.update(step.num_scheduled.keys())  # count batches, not tokens
         return output
 
     def _num_tokens_to_schedule(self, request: Request, num_computed: int, budget: int) -> int:
-        return min(
-            request.num_tokens - num_computed, budget, self.config.max_model_len - num_computed
-        )
+        known = request.num_tokens + request.num_output_placeholders
+        return min(known - num_computed, budget, self.config.max_model_len - num_computed)
+
+    def _waits_for_batch(self, request: Request) -> bool:
+        """Whether a running request must wait for its batch in flight to come back."""
+        if request.request_id not in self._in_flight:
+            return False
+        if not self.async_scheduling:
+            return True  # pipelining: never in two batches at once
+        params = request.sampling_params
+        if params.uses_output_history:
+            return True  # the sampler needs the token in flight
+        # Enough tokens are on their way already (max_tokens).
+        return (params.max_tokens is not None and request.num_output_tokens
+                + request.num_output_placeholders >= params.max_tokens)
 
     def _schedule_running(self, step: _Step) -> None:
         i = 0
         while (i < len(self.running) and step.budget > 0
                and len(step.num_scheduled) < step.max_reqs):
             request = self.running[i]
-            if request.request_id in self._in_flight:
+            if self._waits_for_batch(request):
                 i += 1
                 continue
             num_new = self._num_tokens_to_schedule(request, request.num_computed_tokens,
@@ -205,13 +234,16 @@ class Scheduler:
         self, request: Request, num_new: int, step: _Step
     ) -> Optional[list[KVCacheBlock]]:
         """New blocks for `request`, preempting the policy's victims until they fit; None if
-        the victim had to be `request` itself."""
+        the victim had to be `request` itself, or no request out of flight is left to
+        preempt."""
         while True:
             new_blocks = self.kv_cache.allocate_slots(request, num_new)
             if new_blocks is not None:
                 return new_blocks
-            victim = self.waiting.select_victim(
-                [r for r in self.running if r.request_id not in self._in_flight])
+            candidates = [r for r in self.running if r.request_id not in self._in_flight]
+            if not candidates:
+                return None  # every holder is in flight: wait for a batch to come back
+            victim = self.waiting.select_victim(candidates)
             self._preempt(victim, step)
             if victim is request:
                 return None
@@ -344,15 +376,19 @@ class Scheduler:
     ) -> EngineCoreOutputs:
         """Append sampled tokens, run stop checks, free finished requests, report."""
         row_of = {req_id: i for i, req_id in enumerate(runner_output.req_ids)}
+        starts = _start_positions(scheduler_output)
         outputs, self._pending_outputs = self._pending_outputs, []
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
-            self._in_flight.discard(req_id)
+            self._in_flight[req_id] -= 1
+            if not self._in_flight[req_id]:
+                del self._in_flight[req_id]
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
-                continue  # aborted after schedule(): the worker forgets it next step
-            self._count_prompt_tokens(request, num_scheduled)
+                continue  # aborted or finished after schedule(): the worker forgets it
+            self._count_prompt_tokens(request, starts[req_id], num_scheduled)
             row = row_of.get(req_id)
             sampled = runner_output.sampled_token_ids[row] if row is not None else []
+            request.num_output_placeholders -= len(sampled)
             new_token_ids = self._append_tokens(request, sampled)
             new_logprobs = None
             if runner_output.logprobs is not None and row is not None:
@@ -378,12 +414,9 @@ class Scheduler:
                 )
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
-    def _count_prompt_tokens(self, request: Request, num_scheduled: int) -> None:
-        # num_computed_tokens was already advanced by schedule().
-        end = request.num_computed_tokens
-        start = end - num_scheduled
-        prompt_len = request.num_prompt_tokens
-        self._num_prompt_tokens += max(0, min(end, prompt_len) - start)
+    def _count_prompt_tokens(self, request: Request, start: int, num_scheduled: int) -> None:
+        end = min(start + num_scheduled, request.num_prompt_tokens)
+        self._num_prompt_tokens += max(0, end - start)
 
     def _append_tokens(self, request: Request, sampled: list[int]) -> list[int]:
         new_token_ids = []
@@ -413,3 +446,11 @@ class Scheduler:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache.reset_prefix_cache()
+
+
+def _start_positions(scheduler_output: SchedulerOutput) -> dict[str, int]:
+    """{req_id: first position the step computed} (num_computed_tokens when scheduled)."""
+    starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+    starts.update((r.req_id, r.num_computed_tokens)
+                  for r in scheduler_output.scheduled_cached_reqs)
+    return starts
