@@ -85,6 +85,12 @@ class EngineArgs(BaseModel):
         0.9, gt=0.0, le=1.0, description="Share of device memory the engine may use."
     )
     enforce_eager: bool = Field(False, description="Never compile or capture graphs.")
+    async_scheduling: Optional[bool] = Field(
+        None,
+        description="Schedule and prepare step N+1 while step N runs on the device, so the "
+        "host's work hides behind it; defaults to on where the platform runs asynchronously "
+        "(GPUs) and there is one pipeline stage.",
+    )
     device: Optional[str] = Field(
         None, description="Platform to use (e.g. 'cpu'); defaults to the best one available."
     )
@@ -181,6 +187,7 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool
     policy: str
+    async_scheduling: Optional[bool] = None  # None: the platform decides
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,10 @@ class DeviceEvent:
     def synchronize(self) -> None:  # noqa: B027 (synchronous: nothing to wait for)
         """Wait until the device passed this event."""
 
+    def query(self) -> bool:
+        """Whether the device has passed this event (never waits)."""
+        return True
+
     def elapsed_ms(self, end: DeviceEvent) -> float:
         if self._t is None or end._t is None:
             raise RuntimeError("elapsed_ms needs both events recorded.")
@@ -310,6 +314,9 @@ class QueuedDeviceEvent(DeviceEvent):
     def synchronize(self) -> None:
         self._event.synchronize()
 
+    def query(self) -> bool:
+        return bool(self._event.query())
+
     def elapsed_ms(self, end: DeviceEvent) -> float:
         if not isinstance(end, QueuedDeviceEvent):
             raise TypeError(f"elapsed_ms needs another QueuedDeviceEvent, got {type(end).__name__}.")
@@ -331,6 +338,10 @@ class Platform(abc.ABC):
     distributed_backend: ClassVar[str] = "gloo"  # torch.distributed backend for its groups
     # Host memory can be page-locked (`pin_memory=True`) for asynchronous uploads to the device.
     supports_pinned_memory: ClassVar[bool] = False
+    # Work is queued: launches return before the device finishes, and `create_event` gives
+    # events that wait for it. The engine core then schedules step N+1 while step N runs
+    # (async scheduling, unless --no-async-scheduling), hiding its host work.
+    executes_asynchronously: ClassVar[bool] = False
     # True when `peak_memory_bytes` measures something: the model runner then runs one
     # full-size profiling step before sizing the KV cache (see `kv_cache_bytes`).
     measures_peak_memory: ClassVar[bool] = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,7 @@ from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler
 from platforms.registry import select_platform
+from platforms.scheduling import StaticBatching
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,26 @@ def kv_cache_summary(config: EngineConfig, num_blocks: int) -> str:
             f"{max_model_len}")
 
 
+def use_async_scheduling(config: EngineConfig, platform, executor,
+                         constraints: Optional[StaticBatching]) -> bool:
+    """--async-scheduling as asked, or by default where the platform queues its work; an
+    explicit request that cannot be met is an error naming why."""
+    reasons = []
+    if not executor.supports_async_scheduling:
+        reasons.append(f"the {config.parallel.distributed_executor_backend!r} executor with "
+                       f"pipeline_parallel_size {config.parallel.pipeline_parallel_size} "
+                       "answers a step only when it is done")
+    if constraints is not None:
+        reasons.append(f"{platform.name} runs static batches")
+    asked = config.scheduler.async_scheduling
+    if asked and reasons:
+        raise ValueError("--async-scheduling is not possible here: " + "; ".join(reasons) +
+                         ". Drop the flag.")
+    if asked is None:
+        return not reasons and platform.executes_asynchronously
+    return asked
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         timings: dict[str, float] = {}
@@ -71,10 +93,15 @@ class EngineCore:
 
         self.num_blocks = num_blocks
         depth = self.executor.max_concurrent_batches
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
-                                   self.platform.scheduling_constraints(config),
-                                   num_micro_batches=depth)
-        # Pipeline parallelism: batches in flight, scheduled ahead (None: one at a time).
+        constraints = self.platform.scheduling_constraints(config)
+        self.async_scheduling = use_async_scheduling(config, self.platform, self.executor,
+                                                     constraints)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, constraints,
+                                   num_micro_batches=depth,
+                                   async_scheduling=self.async_scheduling)
+        if self.async_scheduling:
+            depth = 2  # step N+1 is scheduled and launched while step N runs
+        # Batches in flight, scheduled ahead (None: one at a time).
         self.batch_queue = BatchQueue(depth) if depth > 1 else None
         self.startup_timings = timings
         logger.info("%s", kv_cache_summary(config, num_blocks))

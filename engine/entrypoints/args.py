@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from typing import Any
+from typing import Any, Optional
 
 from engine.config import EngineArgs
 
@@ -37,10 +37,11 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("m
             continue
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
-        if field.annotation is bool:
+        if field.annotation in (bool, Optional[bool]):
             group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                help=f"{help_text} (default: {field.default})",
+                help=f"{help_text} (default: "
+                     f"{'the platform decides' if field.default is None else field.default})",
             )
             continue
         arg_type, choices = _arg_type(field.annotation)

@@ -47,6 +47,10 @@ class Executor(abc.ABC):
         """How many batches may be in flight at once (1: one step at a time)."""
         return 1
 
+    # Whether `execute_model_async` returns before the step is done, so the core can schedule
+    # the next step meanwhile (async scheduling).
+    supports_async_scheduling: bool = False
+
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> DoneBatch:
         """Dispatch a batch; the handle's `result()` gives its output (this default runs it
         now, so the handle is already done)."""

@@ -193,6 +193,10 @@ class MultiprocExecutor(RankedExecutor):
     def max_concurrent_batches(self) -> int:
         return self.pp_size  # one batch per pipeline stage
 
+    @property
+    def supports_async_scheduling(self) -> bool:  # type: ignore[override]
+        return self.pp_size == 1  # workers answer a step once its tokens are back
+
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> _PendingStep:
         if self.pp_size == 1:
             return _PendingStep(self, self._submit("execute_model", scheduler_output))

@@ -9,7 +9,7 @@ import torch
 from engine.config import EngineConfig
 from engine.executor.abstract import Executor
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.model_runner import ModelRunner
+from engine.worker.model_runner import ModelRunner, StepHandle
 from platforms.interface import Platform
 
 
@@ -36,8 +36,13 @@ class UniprocExecutor(Executor):
     def warm_up(self) -> None:
         self.runner.warm_up()
 
+    supports_async_scheduling = True
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.runner.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         self.runner.model = None

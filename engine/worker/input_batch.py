@@ -30,7 +30,10 @@ class CachedRequestState:
     num_computed_tokens: int
     # Prompt logprobs gathered so far are sent as they are computed; nothing kept here.
     token_ids_np: np.ndarray = field(init=False)  # prompt + output, grows on demand
-    num_tokens: int = field(init=False)
+    num_tokens: int = field(init=False)  # known on the host
+    # Sampled on the device by steps whose output has not been read yet (async scheduling):
+    # the next token's value lives in the last step's sampled tensor.
+    num_pending: int = 0
 
     def __post_init__(self) -> None:
         tokens = self.prompt_token_ids + self.output_token_ids
@@ -57,6 +60,10 @@ class StepInputs:
     # Requests that reach the end of their known tokens this step sample one token each.
     sample_req_idx: list[int]  # indexes into req_ids
     sample_token_idx: torch.Tensor  # [len(sample_req_idx)] int64: their last token's row
+    # Tokens whose value is still on the device (async scheduling): input rows to fill, and
+    # the rows of the last step's sampled tensor to fill them from.
+    pending_dst: Optional[torch.Tensor]
+    pending_src: Optional[torch.Tensor]
     query_start_loc_np: np.ndarray  # [num_reqs + 1] host copy
     start_positions_np: np.ndarray  # [num_reqs] host: first position computed this step
 
@@ -91,7 +98,10 @@ class InputBatch:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
+    def prepare(self, out: SchedulerOutput,
+                last_sample_row: Optional[dict[str, int]] = None) -> StepInputs:
+        """The step's flat inputs. `last_sample_row`: {req_id: row} of the previous step's
+        sampled tensor, where a request's one pending token (if it has one) is."""
         req_ids = list(out.num_scheduled_tokens)
         num_reqs = len(req_ids)
         states = [self.requests[r] for r in req_ids]
@@ -106,9 +116,24 @@ class InputBatch:
         positions = np.arange(num_tokens) - query_start_loc[req_of_token] + starts[req_of_token]
         input_ids = np.empty(num_tokens, dtype=np.int64)
         max_blocks = 1
+        pending_dst: list[int] = []
+        pending_src: list[int] = []
         for i, state in enumerate(states):
             lo, hi = query_start_loc[i], query_start_loc[i + 1]
-            input_ids[lo:hi] = state.token_ids_np[starts[i] : starts[i] + counts[i]]
+            end = starts[i] + counts[i]
+            if end > state.num_tokens:  # the last token is the previous step's sample
+                if end != state.num_tokens + 1 or last_sample_row is None \
+                        or state.req_id not in last_sample_row:
+                    raise RuntimeError(
+                        f"Request {state.req_id!r} is scheduled up to position {end} but "
+                        f"only {state.num_tokens} tokens are known and none is pending from "
+                        "the last step (a scheduler/worker mismatch).")
+                hi -= 1
+                input_ids[hi] = 0
+                pending_dst.append(int(hi))
+                pending_src.append(last_sample_row[state.req_id])
+                end -= 1
+            input_ids[lo:hi] = state.token_ids_np[starts[i] : end]
             max_blocks = max(max_blocks, len(state.block_ids))
         block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
         for i, state in enumerate(states):
@@ -119,12 +144,15 @@ class InputBatch:
             + positions % self.block_size
         )
         seq_lens = starts + counts
-        num_known = np.fromiter((s.num_tokens for s in states), np.int64, num_reqs)
+        num_known = np.fromiter((s.num_tokens + s.num_pending for s in states), np.int64,
+                                num_reqs)
         sample_req_idx = np.nonzero(seq_lens >= num_known)[0]
 
         sample_token_idx = query_start_loc[1:][sample_req_idx] - 1
-        ids_d, positions_d, slots_d, sample_d = self._upload(
-            [input_ids, positions, slot_mapping, sample_token_idx], np.int64)
+        num_pending = len(pending_dst)
+        ids_d, positions_d, slots_d, sample_d, pending_d = self._upload(
+            [input_ids, positions, slot_mapping, sample_token_idx,
+             np.asarray(pending_dst + pending_src, dtype=np.int64)], np.int64)
         qsl32, seq32 = query_start_loc.astype(np.int32), seq_lens.astype(np.int32)
         qsl_d, seq_lens_d, table_d = self._upload([qsl32, seq32, block_table.ravel()], np.int32)
         attn = CommonAttentionMetadata(
@@ -147,6 +175,8 @@ class InputBatch:
             attn=attn,
             sample_req_idx=sample_req_idx.tolist(),
             sample_token_idx=sample_d,
+            pending_dst=pending_d[:num_pending] if num_pending else None,
+            pending_src=pending_d[num_pending:] if num_pending else None,
             query_start_loc_np=query_start_loc,
             start_positions_np=starts,
         )

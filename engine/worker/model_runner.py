@@ -60,6 +60,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model: Optional[torch.nn.Module] = None
         self.num_blocks = 0
+        # The last step's sampled ids (device) and {req_id: row} in them: where the next
+        # step finds tokens whose values have not reached the host yet.
+        self._last_sampled: Optional[torch.Tensor] = None
+        self._last_sample_row: dict[str, int] = {}
 
     # ---- startup ----
     def load_model(self) -> None:
@@ -141,36 +145,66 @@ class ModelRunner:
 
     # ---- one step ----
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        with self.platform.inference_context():
-            return self._execute_model(out)
+        return self.execute_model_async(out).result()
 
-    def _execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model_async(self, out: SchedulerOutput) -> StepHandle:
+        """Launch one step; the handle's `result()` waits for its sampled tokens. The next
+        step may be launched before that: its decodes read those tokens on the device."""
+        with self.platform.inference_context():
+            return self._dispatch(out)
+
+    def _dispatch(self, out: SchedulerOutput) -> StepHandle:
         self.input_batch.update(out)
         if out.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        inputs = self.input_batch.prepare(out)
+            return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
+        inputs = self.input_batch.prepare(out, self._last_sample_row)
+        if inputs.pending_dst is not None:
+            assert self._last_sampled is not None and inputs.pending_src is not None
+            inputs.input_ids[inputs.pending_dst] = self._last_sampled[inputs.pending_src]
         attn_metadata = self.attn_backend.build_metadata(inputs.attn)
         hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        for req_id in inputs.req_ids:
+            self.input_batch.requests[req_id].num_computed_tokens += \
+                out.num_scheduled_tokens[req_id]
         sampled, logprobs = self._sample(inputs, hidden)
-        for req_id, tokens in zip(inputs.req_ids, sampled):
-            state = self.input_batch.requests[req_id]
-            state.num_computed_tokens += out.num_scheduled_tokens[req_id]
-            for token in tokens:
-                state.append_token(token)
-        return ModelRunnerOutput(
-            req_ids=inputs.req_ids,
-            sampled_token_ids=sampled,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
+        sample_req_ids = [inputs.req_ids[i] for i in inputs.sample_req_idx]
+        for req_id in sample_req_ids:
+            self.input_batch.requests[req_id].num_pending += 1
+        self._last_sampled = sampled
+        self._last_sample_row = {r: row for row, r in enumerate(sample_req_ids)}
+        return StepHandle(self, inputs.req_ids, inputs.sample_req_idx, sample_req_ids,
+                          self._to_host(sampled), logprobs, prompt_logprobs)
+
+    def _to_host(self, sampled: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, Any]]:
+        """Start copying the sampled ids to the host: (host tensor, event to wait on). A
+        device that runs asynchronously copies into page-locked memory without waiting."""
+        if sampled is None:
+            return None
+        if not (self.platform.executes_asynchronously and self.platform.supports_pinned_memory):
+            return sampled.cpu(), None
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        event = self.platform.create_event()
+        event.record()
+        return host, event
+
+    def _take_sampled(self, sample_req_ids: list[str], tokens: list[int]) -> None:
+        """A step's sampled tokens are known on the host: append them (requests finished
+        or preempted since are gone and skipped)."""
+        for req_id, token in zip(sample_req_ids, tokens, strict=True):
+            state = self.input_batch.requests.get(req_id)
+            if state is None:
+                continue
+            state.num_pending -= 1
+            state.append_token(token)
 
     def _sample(
         self, inputs: StepInputs, hidden: torch.Tensor
-    ) -> tuple[list[list[int]], Optional[list[Optional[list[LogprobsEntry]]]]]:
-        sampled: list[list[int]] = [[] for _ in inputs.req_ids]
+    ) -> tuple[Optional[torch.Tensor], Optional[list[Optional[list[LogprobsEntry]]]]]:
+        """The sampled ids of the sampling rows (on the device), and their logprobs."""
         if not inputs.sample_req_idx:
-            return sampled, None
+            return None, None
         assert self.model is not None
         logits = self.model.compute_logits(hidden[inputs.sample_token_idx])
         rows = []
@@ -178,7 +212,8 @@ class ModelRunner:
             s = self.input_batch.requests[inputs.req_ids[i]]
             rows.append(
                 RequestSamplingState(
-                    s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_id
+                    s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_id,
+                    num_pending=s.num_pending,
                 )
             )
         meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device)
@@ -186,11 +221,9 @@ class ModelRunner:
         all_logprobs: Optional[list[Optional[list[LogprobsEntry]]]] = None
         if result.logprobs is not None:
             all_logprobs = [None] * len(inputs.req_ids)
-        for row, i in enumerate(inputs.sample_req_idx):
-            sampled[i] = [result.sampled_token_ids[row]]
-            if all_logprobs is not None:
+            for row, i in enumerate(inputs.sample_req_idx):
                 all_logprobs[i] = result.logprobs[row]
-        return sampled, all_logprobs
+        return result.sampled, all_logprobs
 
     def _prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor
@@ -254,3 +287,52 @@ class ModelRunner:
         input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         positions = torch.zeros(n, dtype=torch.int64, device=self.device)
         return input_ids, positions, self.attn_backend.build_metadata(common)
+
+
+class StepHandle:
+    """One launched step; `result()` waits for its sampled tokens (once), hands them to the
+    runner's request state, and gives the step's output."""
+
+    def __init__(self, runner: Optional[ModelRunner], req_ids: list[str],
+                 sample_req_idx: list[int], sample_req_ids: list[str],
+                 sampled_host: Optional[tuple[torch.Tensor, Any]],
+                 logprobs: Optional[list[Optional[list[LogprobsEntry]]]],
+                 prompt_logprobs: dict[str, list[LogprobsEntry]]) -> None:
+        self._runner = runner
+        self._req_ids, self._sample_req_idx = req_ids, sample_req_idx
+        self._sample_req_ids, self._sampled_host = sample_req_ids, sampled_host
+        self._logprobs, self._prompt_logprobs = logprobs, prompt_logprobs
+        self._output: Optional[ModelRunnerOutput] = None
+
+    @classmethod
+    def done(cls, output: ModelRunnerOutput) -> StepHandle:
+        handle = cls(None, [], [], [], None, None, {})
+        handle._output = output
+        return handle
+
+    def ready(self) -> bool:
+        """Whether `result()` would return without waiting for the device."""
+        if self._output is not None or self._sampled_host is None:
+            return True
+        event = self._sampled_host[1]
+        return event is None or event.query()
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is not None:
+            return self._output
+        tokens: list[int] = []
+        if self._sampled_host is not None:
+            host, event = self._sampled_host
+            if event is not None:
+                event.synchronize()
+            tokens = host.tolist()
+        assert self._runner is not None
+        self._runner._take_sampled(self._sample_req_ids, tokens)
+        sampled: list[list[int]] = [[] for _ in self._req_ids]
+        for row, i in enumerate(self._sample_req_idx):
+            sampled[i] = [tokens[row]]
+        self._output = ModelRunnerOutput(
+            req_ids=self._req_ids, sampled_token_ids=sampled, logprobs=self._logprobs,
+            prompt_logprobs=self._prompt_logprobs)
+        self._runner = None
+        return self._output

@@ -22,7 +22,7 @@ import torch
 
 from engine.distributed.pipeline import Stage, recv_activations, send_activations
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.model_runner import ModelRunner
+from engine.worker.model_runner import ModelRunner, StepHandle
 from platforms.interface import GraphRunner
 
 
@@ -67,16 +67,16 @@ class PipelineStageRunner(ModelRunner):
             for token in new:
                 state.append_token(token)
 
-    def _execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def _dispatch(self, out: SchedulerOutput) -> StepHandle:
         if self.stage.is_last:
-            return super()._execute_model(out)
+            return super()._dispatch(out)
         self.input_batch.update(out)
         if out.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         inputs = self.input_batch.prepare(out)
         self.forward(inputs.input_ids, inputs.positions,
                      self.attn_backend.build_metadata(inputs.attn))
         for req_id in inputs.req_ids:
             self.input_batch.requests[req_id].num_computed_tokens += \
                 out.num_scheduled_tokens[req_id]
-        return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))

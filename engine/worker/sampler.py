@@ -40,10 +40,15 @@ _MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny
 
 @dataclass
 class SamplerOutput:
-    sampled_token_ids: list[int]  # one per row
+    sampled: torch.Tensor  # [num_rows] int64 on the logits' device; read it when needed
     # Per row: [entry] when that row's params.logprobs is not None, else None.
     # The whole field is None when no row asked for logprobs.
     logprobs: Optional[list[Optional[list[LogprobsEntry]]]]
+
+    @property
+    def sampled_token_ids(self) -> list[int]:
+        """One token id per row (waits for the device)."""
+        return self.sampled.tolist()
 
 
 class Sampler:
@@ -59,11 +64,10 @@ class Sampler:
             sampled = logits.argmax(dim=-1)
         else:
             sampled = _sample_random(logits, meta)
-        sampled_cpu = sampled.tolist()
         logprobs = None
         if raw_logprobs is not None:
             logprobs = _row_logprobs(raw_logprobs, sampled, meta)
-        return SamplerOutput(sampled_token_ids=sampled_cpu, logprobs=logprobs)
+        return SamplerOutput(sampled=sampled, logprobs=logprobs)
 
 
 def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

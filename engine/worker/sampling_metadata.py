@@ -25,8 +25,15 @@ class RequestSamplingState:
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]  # a list or a 1-D numpy array view
-    output_token_ids: Sequence[int]  # tokens sampled so far, before this step
+    output_token_ids: Sequence[int]  # tokens sampled so far and known on the host
     eos_token_id: Optional[int]
+    # Tokens sampled by an earlier step still on the device (async scheduling); they count
+    # for min_tokens and seeds. A row whose penalties need its history never has any.
+    num_pending: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
 
 
 def _splitmix64(x: int) -> int:
@@ -141,7 +148,7 @@ class SamplingMetadata:
             min_tokens_mask=_min_tokens_mask(rows, device),
             **_penalties(rows, vocab_size, device),
             row_seeds=[
-                (i, step_seed(params[i].seed, len(rows[i].output_token_ids)))
+                (i, step_seed(params[i].seed, rows[i].num_output_tokens))
                 for i in random_rows
                 if params[i].seed is not None
             ],
@@ -201,7 +208,7 @@ def _min_tokens_mask(
     row_ids: list[int] = []
     token_ids: list[int] = []
     for row, r in enumerate(rows):
-        if len(r.output_token_ids) >= r.params.min_tokens:
+        if r.num_output_tokens >= r.params.min_tokens:
             continue
         blocked = r.params.all_stop_token_ids
         if r.eos_token_id is not None:
@@ -231,6 +238,10 @@ def _penalties(rows: list[RequestSamplingState], vocab_size: int, device: torch.
     )
     if not (use_rep or use_freq_pres):
         return out
+    for r in rows:
+        if r.num_pending and r.params.uses_output_history:
+            raise RuntimeError("A row with penalties was sampled with tokens still pending; "
+                               "the scheduler must wait for its batch (a bug).")
     # Rows without a penalty contribute no tokens: their counts stay zero and cost nothing.
     output_counts = _token_counts(
         [

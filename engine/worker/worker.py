@@ -8,6 +8,7 @@ disappearing, destroying its process groups on the way out.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -20,7 +21,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import ParallelGroups, RankLayout
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from engine.worker.model_runner import ModelRunner
+from engine.worker.model_runner import ModelRunner, StepHandle
 from platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
@@ -80,10 +81,16 @@ class Worker:
                       ) -> Optional[ModelRunnerOutput]:
         """One step; `sampled_tokens` (pipeline parallelism) are the last stage's tokens
         not yet seen by the other stages, applied first."""
+        return self.execute_model_async(scheduler_output, sampled_tokens).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput,
+                            sampled_tokens: Optional[dict[str, list[int]]] = None
+                            ) -> _DriverOnly:
+        """Launch one step; the handle's result is the step's output on the driver (None
+        elsewhere: only the driver's output travels back)."""
         if sampled_tokens:
             self.runner.apply_sampled_tokens(sampled_tokens)  # type: ignore[attr-defined]
-        output = self.runner.execute_model(scheduler_output)
-        return output if self.is_driver else None  # only the driver's output travels back
+        return _DriverOnly(self.runner.execute_model_async(scheduler_output), self.is_driver)
 
     def stage_timeline(self) -> list[tuple[float, float]]:
         """(start, end) monotonic times of this pipeline stage's recent forwards (empty
@@ -97,10 +104,45 @@ class Worker:
             self.groups = None
 
 
+class _DriverOnly:
+    """A launched step whose result is the runner's output on the driver, None elsewhere."""
+
+    def __init__(self, handle: StepHandle, is_driver: bool) -> None:
+        self._handle, self._is_driver = handle, is_driver
+
+    def ready(self) -> bool:
+        return self._handle.ready()
+
+    def result(self) -> Optional[ModelRunnerOutput]:
+        output = self._handle.result()
+        return output if self._is_driver else None
+
+
 def _serve(worker: Worker, inbox: Any, outbox: Any, parent_pid: int) -> None:
-    """Answer calls until told to stop or the parent is gone."""
+    """Answer calls, in order, until told to stop or the parent is gone.
+
+    A step is answered once its sampled tokens are back, but the worker does not wait for
+    that before taking the next call: a step that arrives first is launched first (async
+    scheduling keeps the device busy with step N+1 while step N's answer travels)."""
+    launched: collections.deque[Any] = collections.deque()  # steps not answered yet
+
+    def answer(ok: bool, payload: Any) -> None:
+        outbox.send(pickle.dumps((worker.rank, ok, payload), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def answer_oldest() -> None:
+        handle = launched.popleft()
+        try:
+            answer(True, handle.result())
+        except Exception:
+            answer(False, traceback.format_exc())
+
     while True:
-        if not inbox.poll(1000):
+        if launched:  # answer the oldest step once done, unless a new call comes first
+            if not inbox.poll(0):
+                if launched[0].ready():
+                    answer_oldest()
+                continue
+        elif not inbox.poll(1000):
             if os.getppid() != parent_pid:
                 logger.error("Worker %d: the engine process is gone; exiting.", worker.rank)
                 return
@@ -108,13 +150,21 @@ def _serve(worker: Worker, inbox: Any, outbox: Any, parent_pid: int) -> None:
         method, args = pickle.loads(inbox.recv())
         if method == SHUTDOWN:
             return
+        if method != "execute_model":
+            while launched:  # other calls are answered in order, after the steps before
+                answer_oldest()
         try:
             if method not in WORKER_METHODS:
                 raise ValueError(f"Unknown worker method {method!r}.")
-            reply = (worker.rank, True, getattr(worker, method)(*args))
+            if method == "execute_model":
+                launched.append(worker.execute_model_async(*args))
+                continue
+            reply = (True, getattr(worker, method)(*args))
         except Exception:
-            reply = (worker.rank, False, traceback.format_exc())
-        outbox.send(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+            reply = (False, traceback.format_exc())
+            while launched:  # the steps before this call are answered first
+                answer_oldest()
+        answer(*reply)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -154,7 +154,8 @@ def _scheduler_config(args: EngineArgs, max_model_len: int) -> SchedulerConfig:
             f"--max-num-batched-tokens, lower --max-model-len, or pass --enable-chunked-prefill."
         )
     return SchedulerConfig(args.max_num_seqs, budget, max_model_len,
-                           args.enable_chunked_prefill, args.scheduling_policy)
+                           args.enable_chunked_prefill, args.scheduling_policy,
+                           args.async_scheduling)
 
 
 def _chat_template(override: Optional[str], tokenizer: ModelSource,

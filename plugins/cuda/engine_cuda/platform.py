@@ -47,6 +47,7 @@ class CudaPlatform(Platform):
     priority = 100
     supports_graph_capture = True
     supports_pinned_memory = True
+    executes_asynchronously = True
     measures_peak_memory = True
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     # What the Triton attention kernel takes: a power of two in 16..256.
