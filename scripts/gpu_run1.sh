@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session helper: one time-boxed GPU call (install, GPU e2e tests, batch-1 latency, throughput
+# profile). Prints a short tail of each; full logs under $OUT.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+bash scripts/gpu_check.sh wheelhouse install >"$OUT/install.txt" 2>&1; tail -1 "$OUT/install.txt"
+export PYTHONPATH=/tmp/engine-site:$PWD:$PWD/plugins/cuda HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi -L
+python3 scripts/make_llama8b_config.py /tmp/llama-3.1-8b-shape >/dev/null
+if [[ " $* " == *" tests "* ]]; then
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider plugins/cuda/tests/test_gpu_e2e.py \
+    plugins/cuda/tests/test_graph_runner.py >"$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+fi
+if [[ " $* " == *" latency "* ]]; then
+  timeout 200 python3 -m engine.entrypoints.cli bench latency /tmp/llama-3.1-8b-shape \
+    --load-format dummy --dtype bfloat16 --input-len 128 --output-len 256 --batch-size 1 \
+    --max-model-len 4096 ${LAT_ARGS:-} >"$OUT/latency.log" 2>&1; tail -22 "$OUT/latency.log"
+fi
+if [[ " $* " == *" profile "* ]]; then
+  timeout 300 python3 plugins/cuda/scripts/profile_throughput.py /tmp/llama-3.1-8b-shape \
+    --num-prompts ${NP:-300} --input-len 1024 --output-len 128 --out "$OUT/profile" ${PROF_ARGS:-} \
+    >"$OUT/profile.log" 2>&1; tail -60 "$OUT/profile.log"
+fi
+if [[ " $* " == *" throughput "* ]]; then
+  timeout 400 python3 -m engine.entrypoints.cli bench throughput /tmp/llama-3.1-8b-shape \
+    --load-format dummy --dtype bfloat16 --num-prompts ${NP:-1000} --input-len 1024 --output-len 128 \
+    --ignore-eos --max-model-len 2048 --ceilings --hf-num-prompts ${HF_NP:-32} ${TP_ARGS:-} \
+    >"$OUT/throughput.log" 2>&1; tail -25 "$OUT/throughput.log"
+fi
