@@ -216,7 +216,8 @@ class ModelRunner:
                     num_pending=s.num_pending,
                 )
             )
-        meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device)
+        meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device,
+                                      pin_memory=self.platform.supports_pinned_memory)
         result = self.sampler(logits, meta)
         all_logprobs: Optional[list[Optional[list[LogprobsEntry]]]] = None
         if result.logprobs is not None:

@@ -93,6 +93,7 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
 
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """Token ids for all rows: argmax on greedy rows, a random draw on the others. [num_rows]"""
+    assert meta.temperature is not None  # built whenever a row samples at random
     greedy = None if meta.all_random else logits.argmax(dim=-1)
     logits.div_(meta.temperature.unsqueeze(1))
     logits = _apply_top_k_top_p(logits, meta)
@@ -102,6 +103,7 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
         probs = probs.masked_fill(probs < threshold, 0.0)
     sampled = probs.div_(_exponential_noise(probs, meta)).argmax(dim=-1)
     if greedy is not None:
+        assert meta.is_greedy is not None
         sampled = torch.where(meta.is_greedy, greedy, sampled)
     return sampled
 

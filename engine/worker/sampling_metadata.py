@@ -75,7 +75,7 @@ def check_vocab_range(params: SamplingParams, vocab_size: int) -> None:
 
 
 def _token_counts(
-    token_lists: list[Sequence[int]], vocab_size: int, device: torch.device
+    token_lists: list[Sequence[int]], vocab_size: int, to: _Target
 ) -> torch.Tensor:
     """[num_rows, vocab] float32 counts of each token id per row, via one scatter_add."""
     num_rows = len(token_lists)
@@ -85,14 +85,28 @@ def _token_counts(
     for row, tokens in enumerate(token_lists):
         if len(tokens):
             padded[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-    padded = padded.to(device)
-    counts = torch.zeros((num_rows, vocab_size + 1), dtype=torch.float32, device=device)
+    padded = to.upload(padded)
+    counts = torch.zeros((num_rows, vocab_size + 1), dtype=torch.float32, device=to.device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab_size]
 
 
-def _float_tensor(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+@dataclass(frozen=True)
+class _Target:
+    """Where the metadata goes, and how: through page-locked memory without waiting where
+    the platform has it (a blocking upload would wait for the step before, and async
+    scheduling would lose its overlap)."""
+
+    device: torch.device
+    pin_memory: bool = False
+
+    def tensor(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+        return self.upload(torch.tensor(values, dtype=dtype))
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        if self.pin_memory:
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
 
 
 @dataclass
@@ -103,8 +117,9 @@ class SamplingMetadata:
     vocab_size: int
     all_greedy: bool
     all_random: bool
-    is_greedy: torch.Tensor  # bool
-    temperature: torch.Tensor  # float32; 1.0 on greedy rows so dividing is harmless
+    is_greedy: Optional[torch.Tensor]  # bool; None when all rows are greedy
+    # float32; 1.0 on greedy rows so dividing is harmless; None when all rows are greedy
+    temperature: Optional[torch.Tensor]
     top_k: Optional[torch.Tensor]  # long; vocab_size where a row has no top-k
     max_top_k: Optional[int]  # the largest k among rows that have one
     top_p: Optional[torch.Tensor]  # float32; 1.0 where a row has no top-p
@@ -125,8 +140,12 @@ class SamplingMetadata:
 
     @classmethod
     def build(
-        cls, rows: list[RequestSamplingState], vocab_size: int, device: torch.device
+        cls, rows: list[RequestSamplingState], vocab_size: int, device: torch.device,
+        pin_memory: bool = False,
     ) -> SamplingMetadata:
+        """`pin_memory`: upload through page-locked memory without waiting (the platform's
+        `supports_pinned_memory`)."""
+        to = _Target(device, pin_memory)
         params = [r.params for r in rows]
         for p in params:
             check_vocab_range(p, vocab_size)
@@ -134,19 +153,20 @@ class SamplingMetadata:
         num_logprobs = [p.logprobs for p in params]
         asked = [k for k in num_logprobs if k is not None]
         random_rows = [i for i, g in enumerate(greedy) if not g]
+        all_greedy = not random_rows
         return cls(
             num_rows=len(rows),
             vocab_size=vocab_size,
-            all_greedy=not random_rows,
+            all_greedy=all_greedy,
             all_random=len(random_rows) == len(rows),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            temperature=_float_tensor(
-                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device
-            ),
-            **_truncation(params, greedy, vocab_size, device),
-            logit_bias=_logit_bias(params, device),
-            min_tokens_mask=_min_tokens_mask(rows, device),
-            **_penalties(rows, vocab_size, device),
+            is_greedy=None if all_greedy else to.tensor(greedy, torch.bool),
+            temperature=None if all_greedy else to.tensor(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                torch.float32),
+            **_truncation(params, greedy, vocab_size, to),
+            logit_bias=_logit_bias(params, to),
+            min_tokens_mask=_min_tokens_mask(rows, to),
+            **_penalties(rows, vocab_size, to),
             row_seeds=[
                 (i, step_seed(params[i].seed, rows[i].num_output_tokens))
                 for i in random_rows
@@ -158,7 +178,7 @@ class SamplingMetadata:
 
 
 def _truncation(
-    params: list[SamplingParams], greedy: list[bool], vocab_size: int, device: torch.device
+    params: list[SamplingParams], greedy: list[bool], vocab_size: int, to: _Target
 ) -> dict:
     """top-k / top-p / min-p tensors, each None unless a random row uses it."""
     # Greedy rows never reach truncation, so their settings do not count.
@@ -170,15 +190,15 @@ def _truncation(
     min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
     limited = [k for k in top_ks if k < vocab_size]
     return dict(
-        top_k=torch.tensor(top_ks, dtype=torch.long, device=device) if limited else None,
+        top_k=to.tensor(top_ks, torch.long) if limited else None,
         max_top_k=max(limited) if limited else None,
-        top_p=_float_tensor(top_ps, device) if any(p < 1.0 for p in top_ps) else None,
-        min_p=_float_tensor(min_ps, device) if any(p > 0.0 for p in min_ps) else None,
+        top_p=to.tensor(top_ps, torch.float32) if any(p < 1.0 for p in top_ps) else None,
+        min_p=to.tensor(min_ps, torch.float32) if any(p > 0.0 for p in min_ps) else None,
     )
 
 
 def _logit_bias(
-    params: list[SamplingParams], device: torch.device
+    params: list[SamplingParams], to: _Target
 ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     row_ids: list[int] = []
     token_ids: list[int] = []
@@ -191,14 +211,14 @@ def _logit_bias(
     if not row_ids:
         return None
     return (
-        torch.tensor(row_ids, dtype=torch.long, device=device),
-        torch.tensor(token_ids, dtype=torch.long, device=device),
-        _float_tensor(values, device),
+        to.tensor(row_ids, torch.long),
+        to.tensor(token_ids, torch.long),
+        to.tensor(values, torch.float32),
     )
 
 
 def _min_tokens_mask(
-    rows: list[RequestSamplingState], device: torch.device
+    rows: list[RequestSamplingState], to: _Target
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """EOS and stop ids of rows still below min_tokens.
 
@@ -219,12 +239,12 @@ def _min_tokens_mask(
     if not row_ids:
         return None
     return (
-        torch.tensor(row_ids, dtype=torch.long, device=device),
-        torch.tensor(token_ids, dtype=torch.long, device=device),
+        to.tensor(row_ids, torch.long),
+        to.tensor(token_ids, torch.long),
     )
 
 
-def _penalties(rows: list[RequestSamplingState], vocab_size: int, device: torch.device) -> dict:
+def _penalties(rows: list[RequestSamplingState], vocab_size: int, to: _Target) -> dict:
     """Penalty tensors; token counts are built only for the rows whose penalty is on."""
     params = [r.params for r in rows]
     use_rep = any(p.repetition_penalty != 1.0 for p in params)
@@ -253,18 +273,18 @@ def _penalties(rows: list[RequestSamplingState], vocab_size: int, device: torch.
             for r in rows
         ],
         vocab_size,
-        device,
+        to,
     )
     if use_rep:
         prompt_counts = _token_counts(
             [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else () for r in rows],
             vocab_size,
-            device,
+            to,
         )
-        out["repetition_penalty"] = _float_tensor([p.repetition_penalty for p in params], device)
+        out["repetition_penalty"] = to.tensor([p.repetition_penalty for p in params], torch.float32)
         out["repetition_seen"] = (prompt_counts > 0) | (output_counts > 0)
     if use_freq_pres:
-        out["frequency_penalty"] = _float_tensor([p.frequency_penalty for p in params], device)
-        out["presence_penalty"] = _float_tensor([p.presence_penalty for p in params], device)
+        out["frequency_penalty"] = to.tensor([p.frequency_penalty for p in params], torch.float32)
+        out["presence_penalty"] = to.tensor([p.presence_penalty for p in params], torch.float32)
         out["output_counts"] = output_counts
     return out
