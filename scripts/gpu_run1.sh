@@ -28,3 +28,8 @@ if [[ " $* " == *" throughput "* ]]; then
     --ignore-eos --max-model-len 2048 --ceilings --hf-num-prompts ${HF_NP:-32} ${TP_ARGS:-} \
     >"$OUT/throughput.log" 2>&1; tail -25 "$OUT/throughput.log"
 fi
+if [[ " $* " == *" decode-profile "* ]]; then
+  timeout 200 python3 plugins/cuda/scripts/profile_decode.py /tmp/llama-3.1-8b-shape \
+    --out "$OUT/decode" >"$OUT/decode.log" 2>&1; head -8 "$OUT/decode.log"
+  grep -E "^ +[A-Za-z_].*(Self CUDA|ms|us)" "$OUT/decode/torch_profile.txt" | head -0
+fi
