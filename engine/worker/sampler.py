@@ -77,7 +77,9 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
         logits.index_put_((rows, token_ids), values, accumulate=True)
     if meta.min_tokens_mask is not None:
         rows, token_ids = meta.min_tokens_mask
-        logits[rows, token_ids] = float("-inf")
+        # The value is made on the device: a Python scalar would be uploaded with a blocking
+        # copy, which waits for the step in flight.
+        logits.index_put_((rows, token_ids), logits.new_full((), float("-inf")))
     if meta.repetition_penalty is not None:
         assert meta.repetition_seen is not None  # built together
         penalty = meta.repetition_penalty.unsqueeze(1)  # [num_rows, 1]
