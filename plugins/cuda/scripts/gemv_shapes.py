@@ -53,8 +53,8 @@ def main() -> int:
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         for m in (1, 2, 4, 8):
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            a = _time_us(lambda: F.linear(x, w))
-            b = _time_us(lambda: torch.mm(w, x.t()))
+            a = _time_us(lambda x=x, w=w: F.linear(x, w))
+            b = _time_us(lambda x=x, w=w: torch.mm(w, x.t()))
             ideal = w.numel() * 2 / copy_bw * 1e6
             print(f"{name:>8} {m:>3} {a:10.1f} {100 * ideal / a:6.1f} {b:9.1f} "
                   f"{100 * ideal / b:6.1f}")
