@@ -56,7 +56,10 @@ class EngineArgs(BaseModel):
         description="Longest prompt + output, in tokens (accepts 32k); defaults to the model's "
         "maximum.",
     )
-    max_num_seqs: int = Field(256, ge=1, description="Most requests in one step.")
+    max_num_seqs: Optional[int] = Field(
+        None, ge=1, description="Most requests in one step; defaults to the platform's (256 "
+        "on CPU, 512 on CUDA GPUs)."
+    )
     max_num_batched_tokens: Optional[int] = Field(
         None,
         ge=1,
@@ -182,7 +185,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int
+    max_num_seqs: Optional[int]  # None until the platform's default fills it
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool

@@ -342,6 +342,10 @@ class Platform(abc.ABC):
     # events that wait for it. The engine core then schedules step N+1 while step N runs
     # (async scheduling, unless --no-async-scheduling), hiding its host work.
     executes_asynchronously: ClassVar[bool] = False
+    # Requests per step when the user sets no --max-num-seqs: a device that decodes a big
+    # batch at the cost of a small one wants more (throughput: decodes ride along with
+    # prefill chunks instead of waiting in waves).
+    default_max_num_seqs: ClassVar[int] = 256
     # True when `peak_memory_bytes` measures something: the model runner then runs one
     # full-size profiling step before sizing the KV cache (see `kv_cache_bytes`).
     measures_peak_memory: ClassVar[bool] = False

@@ -28,11 +28,15 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_for_platform(config: EngineConfig, platform) -> EngineConfig:
-    """Fill what the platform decides (dtype for "auto"), then validate; never mutates."""
+    """Fill what the platform decides (dtype for "auto", max_num_seqs left unset), then
+    validate; never mutates."""
     model = config.model
     if model.dtype is None:
         model = dataclasses.replace(model, dtype=platform.resolve_dtype(checkpoint_dtype(model)))
         config = dataclasses.replace(config, model=model)
+    if config.scheduler.max_num_seqs is None:
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(
+            config.scheduler, max_num_seqs=platform.default_max_num_seqs))
     problems = platform.validate(config)
     if problems:
         raise ValueError("Configuration problems on " + platform.name + ":\n  " +

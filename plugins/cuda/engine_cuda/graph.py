@@ -81,8 +81,14 @@ def padded_size(sizes: Sequence[int], num: int) -> Optional[int]:
     return None
 
 
+def max_decode_batch(config: EngineConfig) -> int:
+    """The largest decode batch captured: max_num_seqs (before the platform fills an unset
+    one, the most a graph holds), at most DECODE_MAX_BATCH."""
+    return min(config.scheduler.max_num_seqs or DECODE_MAX_BATCH, DECODE_MAX_BATCH)
+
+
 def decode_sizes(config: EngineConfig) -> tuple[int, ...]:
-    return capture_sizes(min(config.scheduler.max_num_seqs, DECODE_MAX_BATCH))
+    return capture_sizes(max_decode_batch(config))
 
 
 def mixed_sizes(config: EngineConfig) -> tuple[int, ...]:
@@ -96,8 +102,7 @@ def max_blocks_per_req(config: EngineConfig) -> int:
 def graph_problems(config: EngineConfig) -> list[str]:
     """What in `config` CUDA graphs cannot serve (checked by `CudaPlatform.validate`)."""
     problems = []
-    table_bytes = min(config.scheduler.max_num_seqs, DECODE_MAX_BATCH) * max_blocks_per_req(
-        config) * 4
+    table_bytes = max_decode_batch(config) * max_blocks_per_req(config) * 4
     if table_bytes > 1 << 30:
         problems.append(
             f"the padded block table of a captured decode graph would take "
