@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Optional
 
+from engine.config import EngineConfig
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 
@@ -66,14 +67,37 @@ class WorkerDiedError(RuntimeError):
 
 class RankedExecutor(Executor):
     """An executor over one worker per rank, whatever carries the calls (processes and ZMQ,
-    Ray actors): each verb is one `_call` on every rank, answered in rank order. After a
-    failure the executor stays failed, and every later call says why."""
+    Ray actors): each verb is one call on every rank, answered in rank order. After a
+    failure the executor stays failed, and every later call says why.
+
+    Calls may overlap: `execute_model_async` submits a step and returns a handle at once
+    (pipeline parallelism keeps one batch per stage in flight; async scheduling one more
+    step). Every rank answers calls in the order it got them. The step output used is the
+    first rank of the last pipeline stage's; what that stage sampled is sent to the other
+    stages with the next step."""
 
     _failure: Optional[str] = None
 
+    def _set_layout(self, config: EngineConfig) -> None:
+        """Sizes the step plumbing needs (subclasses call it first)."""
+        parallel = config.parallel
+        self.world_size = parallel.world_size
+        self.pp_size = parallel.pipeline_parallel_size
+        # The rank whose answer is the step's output: the first of the last stage.
+        self.output_rank = (self.pp_size - 1) * parallel.tensor_parallel_size
+        self._unsent_tokens: dict[str, list[int]] = {}  # sampled there, not yet sent on
+
     @abc.abstractmethod
+    def _submit(self, method: str, *args: Any) -> Any:
+        """Send `method(*args)` to every rank; what `_collect` needs to find the answers."""
+
+    @abc.abstractmethod
+    def _collect(self, method: str, submitted: Any) -> list[Any]:
+        """Every rank's answer to a submitted call, in rank order."""
+
     def _call(self, method: str, *args: Any) -> list[Any]:
         """Run `method` on every rank; their answers in rank order."""
+        return self._collect(method, self._submit(method, *args))
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
@@ -94,3 +118,43 @@ class RankedExecutor(Executor):
 
     def warm_up(self) -> None:
         self._call("warm_up")
+
+    # ---- steps ----
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.pp_size  # one batch per pipeline stage
+
+    @property
+    def supports_async_scheduling(self) -> bool:  # type: ignore[override]
+        return self.pp_size == 1  # workers answer a step once its tokens are back
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        if self.pp_size == 1:
+            return PendingStep(self, self._submit("execute_model", scheduler_output))
+        tokens, self._unsent_tokens = self._unsent_tokens, {}
+        return PendingStep(self, self._submit("execute_model", scheduler_output, tokens))
+
+    def _step_result(self, submitted: Any) -> ModelRunnerOutput:
+        output = self._collect("execute_model", submitted)[self.output_rank]
+        if self.pp_size > 1:
+            from engine.distributed.pipeline import stage_tokens
+
+            for req_id, tokens in stage_tokens(output).items():
+                self._unsent_tokens.setdefault(req_id, []).extend(tokens)
+        return output
+
+
+class PendingStep:
+    """A step submitted to every rank; `result()` waits for its output (once)."""
+
+    def __init__(self, executor: RankedExecutor, submitted: Any) -> None:
+        self._executor, self._submitted = executor, submitted
+        self._output: Optional[ModelRunnerOutput] = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            self._output = self._executor._step_result(self._submitted)
+        return self._output

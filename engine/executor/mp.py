@@ -33,9 +33,7 @@ from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.distributed import free_port
-from engine.distributed.pipeline import stage_tokens
 from engine.executor.abstract import RankedExecutor
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.worker.worker import SHUTDOWN
 from platforms.interface import Platform
 
@@ -62,27 +60,14 @@ def _stop_processes(procs: list[subprocess.Popen], ipc_dir: str) -> None:
     shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-class _PendingStep:
-    """A step sent to the workers; `result()` waits for its output (once)."""
-
-    def __init__(self, executor: MultiprocExecutor, call: int) -> None:
-        self._executor, self._call = executor, call
-
-    def result(self) -> ModelRunnerOutput:
-        return self._executor._step_result(self._call)
-
-
 class MultiprocExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, platform: Platform) -> None:
         import zmq
 
-        self.world_size = config.parallel.world_size
-        self.pp_size = config.parallel.pipeline_parallel_size
-        self.output_rank = (self.pp_size - 1) * config.parallel.tensor_parallel_size
+        self._set_layout(config)
         self._num_calls = 0  # calls sent so far; a call's index is its order
         self._num_answers = [0] * self.world_size  # answers received per rank
         self._answers: dict[int, dict[int, Any]] = {}  # call index -> {rank: payload}
-        self._unsent_tokens: dict[str, list[int]] = {}  # sampled, not yet sent to stages
         self._ctx = zmq.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="engine-mp-")
         self._inboxes = []
@@ -116,10 +101,6 @@ class MultiprocExecutor(RankedExecutor):
                     self.world_size, [p.pid for p in self.procs], init_method, num_threads)
 
     # ---- calls ----
-    def _call(self, method: str, *args: Any) -> list[Any]:
-        """Run `method(*args)` on every worker; their results in rank order."""
-        return self._collect(method, self._submit(method, *args))
-
     def _submit(self, method: str, *args: Any) -> int:
         """Send `method(*args)` to every worker; the call's index (for `_collect`)."""
         self._raise_if_failed()
@@ -184,31 +165,6 @@ class MultiprocExecutor(RankedExecutor):
                     "engine cannot continue with a rank missing. Restart it; check the "
                     "worker's log above and host memory (an out-of-memory kill is SIGKILL)."
                 )
-
-    # ---- the four verbs (load, size, warm up: RankedExecutor) ----
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(scheduler_output).result()
-
-    @property
-    def max_concurrent_batches(self) -> int:
-        return self.pp_size  # one batch per pipeline stage
-
-    @property
-    def supports_async_scheduling(self) -> bool:  # type: ignore[override]
-        return self.pp_size == 1  # workers answer a step once its tokens are back
-
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> _PendingStep:
-        if self.pp_size == 1:
-            return _PendingStep(self, self._submit("execute_model", scheduler_output))
-        tokens, self._unsent_tokens = self._unsent_tokens, {}
-        return _PendingStep(self, self._submit("execute_model", scheduler_output, tokens))
-
-    def _step_result(self, call: int) -> ModelRunnerOutput:
-        output = self._collect("execute_model", call)[self.output_rank]
-        if self.pp_size > 1:
-            for req_id, tokens in stage_tokens(output).items():
-                self._unsent_tokens.setdefault(req_id, []).extend(tokens)
-        return output
 
     def shutdown(self) -> None:
         """Ask every worker to exit (they destroy their groups), then make sure they did."""

@@ -4,9 +4,11 @@ Rule: Ray only places and runs the ranks; the rank itself is the same `Worker` t
 executor runs (same groups over the platform's communicator, same model runner). A
 placement group reserves one bundle per rank before any actor starts, so an engine either
 gets all its devices or fails with what was missing. Every call goes to every actor in the
-same order and the driver's (rank 0) answer is the result; while waiting, the executor
+same order and the output rank's answer is the result; while waiting, the executor
 watches all the calls at once, so an actor that dies fails the engine within seconds with
-its rank and node instead of leaving its peers blocked in a collective.
+its rank and node instead of leaving its peers blocked in a collective. An actor runs its
+calls in the order they were made, so pipeline stages take the next batch as soon as they
+hand the last one on: the core keeps one batch per stage in flight, as with `mp`.
 
 Ranks are assigned after placement, sorted by node (the node of bundle 0 first), so
 tensor-parallel peers (neighbouring ranks) share a host whenever the cluster allows it.
@@ -29,7 +31,6 @@ from typing import Any, Optional
 
 from engine.config import EngineConfig
 from engine.executor.abstract import RankedExecutor
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class RayExecutor(RankedExecutor):
         ray = self._ray = import_ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.world_size = config.parallel.world_size
+        self._set_layout(config)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # RAY_ADDRESS, else a running local cluster, else a new local instance.
@@ -179,11 +180,15 @@ class RayExecutor(RankedExecutor):
         return pg
 
     # ---- calls ----
-    def _call(self, method: str, *args: Any) -> list[Any]:
-        """Run `method(*args)` on every rank; their results in rank order."""
+    def _submit(self, method: str, *args: Any) -> list[Any]:
+        """Queue `method(*args)` on every actor (an actor runs its calls in the order they
+        were made); the calls' object refs."""
         self._raise_if_failed()
         args_ref = self._ray.put(args)  # serialized once, read by every actor
-        return self._gather([a.call.remote(method, args_ref) for a in self.actors], method)
+        return [a.call.remote(method, args_ref) for a in self.actors]
+
+    def _collect(self, method: str, submitted: list[Any]) -> list[Any]:
+        return self._gather(submitted, method)
 
     def _gather(self, refs: list[Any], method: str) -> list[Any]:
         """Every result, failing as soon as any call fails (a dead actor's call fails at
@@ -233,10 +238,6 @@ class RayExecutor(RankedExecutor):
             ip, pid = self.placement[rank]
             return f" (node {ip}, pid {pid})"
         return ""
-
-    # ---- the four verbs (load, size, warm up: RankedExecutor) ----
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._call("execute_model", scheduler_output)[0]
 
     def shutdown(self) -> None:
         """Let live ranks destroy their groups, then kill every actor and free the bundles."""

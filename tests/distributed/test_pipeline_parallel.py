@@ -133,9 +133,9 @@ def test_more_stages_than_layers_is_refused(tiny_llama_kv1):
     with pytest.raises(ValueError, match=r"num_hidden_layers \(2\).*--pipeline-parallel-size "
                                          r"\(3\)"):
         EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=3).create_config()
-    with pytest.raises(ValueError, match="'mp' executor only"):
+    with pytest.raises(ValueError, match="one process per stage"):
         EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2,
-                   distributed_executor_backend="ray").create_config()
+                   distributed_executor_backend="uniproc").create_config()
     config = EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2).create_config()
     assert config.parallel.distributed_executor_backend == "mp"
 

@@ -136,3 +136,28 @@ def test_served_core_process_joins_the_cluster_at_ray_address(ray_cluster, tiny_
     while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS
+
+
+def test_pp2_on_ray_equals_pp1_with_batches_in_flight(ray_cluster, tiny_llama_kv1):
+    """Two pipeline stages as two actors: each actor runs its calls in order, so the core
+    keeps two batches in flight (stage 0 on batch k+1 while stage 1 finishes batch k)."""
+    from engine.entrypoints.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    single = run_engine(tiny_llama_kv1, tp=1)
+    on_ray = run_engine(tiny_llama_kv1, tp=1, pipeline_parallel_size=2,
+                        distributed_executor_backend="ray")
+    assert_same_generation(single, on_ray)
+
+    llm = LLM(tiny_llama_kv1, pipeline_parallel_size=2, distributed_executor_backend="ray",
+              num_kv_blocks=64, max_model_len=256, max_num_seqs=8)
+    try:
+        queue = llm.core.batch_queue
+        assert queue is not None and queue.depth == 2
+        prompts = [{"prompt_token_ids": [3 + i, 5, 7 + i, 11]} for i in range(8)]
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6),
+                            use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+        assert queue.max_in_flight == 2 and queue.num_overlapped >= 4
+    finally:
+        llm.core.shutdown()

@@ -88,10 +88,9 @@ def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
     if problems:
         raise ValueError("The model cannot be split over --pipeline-parallel-size "
                          f"{pp}:\n  " + "\n  ".join(problems))
-    if pp > 1 and args.distributed_executor_backend not in (None, "mp"):
-        raise ValueError(f"--pipeline-parallel-size {pp} runs on the 'mp' executor only for "
-                         f"now, not --distributed-executor-backend "
-                         f"{args.distributed_executor_backend}; pass mp (or leave it out).")
+    if pp > 1 and args.distributed_executor_backend == "uniproc":
+        raise ValueError(f"--pipeline-parallel-size {pp} needs one process per stage: pass "
+                         "--distributed-executor-backend mp or ray (or leave it out).")
     problems = check_tensor_parallel(hf_config, tp)
     if problems:
         raise ValueError("The model cannot be split over --tensor-parallel-size "
