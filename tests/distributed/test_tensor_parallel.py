@@ -16,6 +16,10 @@ def test_tp2_equals_tp1_when_kv_heads_fewer_than_ranks(tiny_llama_kv1):
     assert_same_generation(single, split)
     assert all(len(t) == 8 for t in single[0])
     assert single[0][3:] != single[0][:3]  # the sampled half is not greedy
+    # Async scheduling (what a GPU runs by default) through the mp workers: step N+1 is sent
+    # before step N's answer is collected, on placeholders; same tokens.
+    overlapped = run_engine(tiny_llama_kv1, tp=2, sample=True, async_scheduling=True)
+    assert_same_generation(single, overlapped)
 
 
 def test_tp3_equals_tp1_on_smollm2_gguf(smollm2):
