@@ -46,7 +46,9 @@ PLATFORM_API_VERSION = 2
 #      supported_head_sizes and distributed_backend added.
 #   Optional additions within 2 (defaults keep older plugins working): scheduling_constraints
 #   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes,
-#   inference_context (the no-grad mode a step runs under; XLA needs no_grad).
+#   inference_context (the no-grad mode a step runs under; XLA needs no_grad),
+#   executes_asynchronously (async scheduling by default) with DeviceEvent.query, and
+#   default_max_num_seqs.
 
 
 @dataclass(frozen=True)
