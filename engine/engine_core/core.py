@@ -131,8 +131,10 @@ class EngineCore:
         return outputs
 
     def _step_pipelined(self, queue: BatchQueue) -> EngineCoreOutputs:
-        """Fill the pipeline (schedule and dispatch until `depth` batches are in flight or
-        nothing more can run), then wait for the oldest batch and apply its output."""
+        """Fill the queue (schedule and dispatch until `depth` batches are in flight or
+        nothing more can run), then wait for the oldest batch and apply its output. Used
+        for pipeline stages (one batch per stage) and for async scheduling (step N+1 is
+        launched before step N's output is applied, so the device never waits for us)."""
         while not queue.full:
             scheduler_output = self.scheduler.schedule()
             if not worth_dispatching(scheduler_output, len(queue)):
