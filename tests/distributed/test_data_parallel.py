@@ -53,11 +53,11 @@ def test_utility_results_combine():
     assert combine_utility_results([1, 2]) == [1, 2]
 
 
-def _generate(model: str, dp: int):
+def _generate(model: str, dp: int, **kwargs):
     from engine.entrypoints.llm import LLM
 
     llm = LLM(model, data_parallel_size=dp, num_kv_blocks=64, max_model_len=256,
-              max_num_seqs=8)
+              max_num_seqs=8, **kwargs)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in BATCH],
                             SamplingParams(temperature=0.0, max_tokens=8, logprobs=3),
@@ -80,6 +80,15 @@ def test_dp2_equals_dp1_and_both_cores_work(tiny_llama_kv1):
     assert per_core == [24, 24]
     assert len(set(pids)) == 2
     assert metrics["num_generation_tokens"] == 48
+
+
+def test_dp2_by_pp2_equals_dp1(tiny_llama_kv1):
+    """Two replicas, each a two-stage pipeline (two mp workers per core): the replicas take
+    different ranks' worth of devices and rendezvous separately; same tokens as one core."""
+    single, _, _, _ = _generate(tiny_llama_kv1, 1)
+    split, per_core, pids, _ = _generate(tiny_llama_kv1, 2, pipeline_parallel_size=2)
+    assert_same_generation(single, split)
+    assert per_core == [24, 24] and len(set(pids)) == 2
 
 
 def test_abort_reaches_the_owning_core(tiny_llama_kv1):
