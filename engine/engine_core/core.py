@@ -108,6 +108,7 @@ class EngineCore:
         # Batches in flight, scheduled ahead (None: one at a time).
         self.batch_queue = BatchQueue(depth) if depth > 1 else None
         self.startup_timings = timings
+        self._profiling = False
         logger.info("%s", kv_cache_summary(config, num_blocks))
 
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -148,6 +149,22 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()
+
+    def start_profile(self, directory: str) -> None:
+        """Record a trace on every worker until `stop_profile` (engine/worker/profiler.py).
+        Misuse is refused here, before it could fail a worker."""
+        if self._profiling:
+            raise RuntimeError("A profile is already being recorded; call stop_profile() "
+                               "first.")
+        self.executor.start_profile(directory)
+        self._profiling = True
+
+    def stop_profile(self) -> list[str]:
+        """Stop recording; the trace and table files the workers wrote."""
+        if not self._profiling:
+            raise RuntimeError("No profile is being recorded; call start_profile() first.")
+        self._profiling = False
+        return self.executor.stop_profile()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -52,7 +52,7 @@ class RequestError(msgspec.Struct, array_like=True):
 
 # Methods of EngineCore a client may call through UTILITY; an allow-list keeps the wire
 # from becoming a remote-code channel.
-UTILITY_METHODS = frozenset({"reset_prefix_cache", "ping"})
+UTILITY_METHODS = frozenset({"reset_prefix_cache", "ping", "start_profile", "stop_profile"})
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoders: dict[RequestType, msgspec.msgpack.Decoder] = {

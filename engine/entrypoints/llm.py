@@ -143,6 +143,20 @@ class LLM:
             return self.client.call_utility("reset_prefix_cache")
         return self.core.reset_prefix_cache()
 
+    def start_profile(self, directory: str) -> None:
+        """Record what every worker runs (host and, where torch can see it, device) until
+        `stop_profile()`: one Chrome trace and one op table per rank in `directory`."""
+        if self.core is None:
+            self.client.call_utility("start_profile", directory)
+        else:
+            self.core.start_profile(directory)
+
+    def stop_profile(self) -> list[str]:
+        """Stop recording; the files written (a list per data-parallel replica)."""
+        if self.core is None:
+            return self.client.call_utility("stop_profile")
+        return self.core.stop_profile()
+
     def get_metrics(self) -> dict[str, float]:
         """Counters since this LLM started (prefix-cache queries/hits in tokens, preemptions,
         prompt and generation tokens) and the current KV-cache usage (the mean over

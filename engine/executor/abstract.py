@@ -57,6 +57,14 @@ class Executor(abc.ABC):
         now, so the handle is already done)."""
         return DoneBatch(self.execute_model(scheduler_output))
 
+    @abc.abstractmethod
+    def start_profile(self, directory: str) -> None:
+        """Start recording a trace on every worker."""
+
+    @abc.abstractmethod
+    def stop_profile(self) -> list[str]:
+        """Stop recording; the files every worker wrote (a trace and a table each)."""
+
     def shutdown(self) -> None:  # noqa: B027 (optional)
         """Release workers and their memory."""
 
@@ -118,6 +126,12 @@ class RankedExecutor(Executor):
 
     def warm_up(self) -> None:
         self._call("warm_up")
+
+    def start_profile(self, directory: str) -> None:
+        self._call("start_profile", directory)
+
+    def stop_profile(self) -> list[str]:
+        return [path for paths in self._call("stop_profile") for path in paths]
 
     # ---- steps ----
     @property

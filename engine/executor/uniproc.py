@@ -44,5 +44,11 @@ class UniprocExecutor(Executor):
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         return self.runner.execute_model_async(scheduler_output)
 
+    def start_profile(self, directory: str) -> None:
+        self.runner.start_profile(directory, "rank0")
+
+    def stop_profile(self) -> list[str]:
+        return self.runner.stop_profile()
+
     def shutdown(self) -> None:
         self.runner.model = None

@@ -26,6 +26,7 @@ from engine.models.loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.worker.input_batch import InputBatch, StepInputs
+from engine.worker.profiler import TraceProfiler
 from engine.worker.sampler import Sampler, logprobs_entries
 from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetadata
 from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
@@ -64,6 +65,7 @@ class ModelRunner:
         # step finds tokens whose values have not reached the host yet.
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_sample_row: dict[str, int] = {}
+        self.profiler = TraceProfiler()
 
     # ---- startup ----
     def load_model(self) -> None:
@@ -142,6 +144,13 @@ class ModelRunner:
         for layer in layers:
             layer.kv_cache = self.platform.allocate_kv_cache(shape, self.dtype, self.device)
         self.num_blocks = num_blocks
+
+    # ---- profiling ----
+    def start_profile(self, directory: str, name: str) -> None:
+        self.profiler.start(directory, name)
+
+    def stop_profile(self) -> list[str]:
+        return self.profiler.stop(self.platform.synchronize)
 
     # ---- one step ----
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:

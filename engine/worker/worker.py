@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # Methods the executor may call on a worker (anything else is refused).
 WORKER_METHODS = frozenset(
     {"load_model", "determine_num_blocks", "initialize_kv_cache", "warm_up", "execute_model",
-     "stage_timeline"}
+     "stage_timeline", "start_profile", "stop_profile"}
 )
 SHUTDOWN = "shutdown"
 READY = "ready"
@@ -91,6 +91,12 @@ class Worker:
         if sampled_tokens:
             self.runner.apply_sampled_tokens(sampled_tokens)  # type: ignore[attr-defined]
         return _DriverOnly(self.runner.execute_model_async(scheduler_output), self.is_driver)
+
+    def start_profile(self, directory: str) -> None:
+        self.runner.start_profile(directory, f"rank{self.rank}")
+
+    def stop_profile(self) -> list[str]:
+        return self.runner.stop_profile()
 
     def stage_timeline(self) -> list[tuple[float, float]]:
         """(start, end) monotonic times of this pipeline stage's recent forwards (empty

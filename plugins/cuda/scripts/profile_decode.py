@@ -45,13 +45,19 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--out", default="/tmp/profile_decode")
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--tp", type=int, default=1,
+                    help="Tensor-parallel size; with more than 1, each rank's trace and op "
+                    "table of a 32-token generate (LLM.start_profile) instead.")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from engine import LLM, SamplingParams
 
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096)
+    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+              tensor_parallel_size=args.tp)
+    if args.tp > 1:
+        return _profile_ranks(llm, out, args.output_len)
     runner = llm.core.executor.runner
     rows = []
 
@@ -105,6 +111,29 @@ def main() -> int:
         pass
     print("\n".join(f"{name:55s} {ms:9.3f} ms" for name, ms in rows))
     print(table[:6000])
+    return 0
+
+
+def _profile_ranks(llm, out: Path, output_len: int) -> int:
+    """Tensor parallelism: the workers run in their own processes, so each writes its own
+    trace; print the e2e time per token and the head of rank 0's op table."""
+    from engine import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1000, 1128))}
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([prompt], params, use_tqdm=False)  # warm
+    t0 = time.perf_counter()
+    llm.generate([prompt], params, use_tqdm=False)
+    print(f"generate e2e / {output_len} tokens: "
+          f"{(time.perf_counter() - t0) * 1000 / output_len:.3f} ms")
+    llm.start_profile(str(out / "ranks"))
+    t0 = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+                 use_tqdm=False)
+    print(f"profiled 32-token generate: wall {(time.perf_counter() - t0) * 1000:.1f} ms")
+    files = llm.stop_profile()
+    print("\n".join(files))
+    print((out / "ranks" / "rank0.txt").read_text()[:6000])
     return 0
 
 
