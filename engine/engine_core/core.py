@@ -110,6 +110,8 @@ class EngineCore:
         self.startup_timings = timings
         self._profiling = False
         logger.info("%s", kv_cache_summary(config, num_blocks))
+        logger.info("async scheduling: %s", "on (step N+1 is scheduled while step N runs)"
+                    if self.async_scheduling else "off")
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request.from_engine_core_request(request))
