@@ -33,8 +33,6 @@ import torch
 from engine.engine_core.messages import LogprobsEntry
 from engine.worker.sampling_metadata import SamplingMetadata
 
-# How many top tokens a partial top-k keeps as top-p candidates (see `_apply_top_k_top_p`).
-_TOP_P_CANDIDATES = 256
 _MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny
 
 
@@ -142,42 +140,34 @@ def _apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Te
 
     Exactly k tokens survive top-k. Top-p then keeps the fewest highest tokens whose mass
     (renormalized over the top-k survivors when the row has a top-k) reaches top_p; the top
-    token always stays. Why candidates: a partial top-k of a few hundred entries costs a tenth
-    of a full vocabulary sort, and a nucleus rarely holds more; a row whose nucleus is wider
-    is sorted in full, alone, so whichever path a row takes depends only on that row.
+    token always stays. Rows with a top-k take a partial top-k (k entries cost a fraction of
+    a sort); rows with only a top-p are sorted in full. Why not cut those to a few hundred
+    candidates too: whether the candidates hold the whole nucleus is only known on the
+    device, and asking would make the host wait for the step, which async scheduling must
+    never do. Which path a row takes depends only on its own parameters.
     """
     if meta.top_k is None and meta.top_p is None:
         return logits
-    num_rows, vocab = logits.shape
-    no_limit = torch.zeros(num_rows, dtype=torch.bool, device=logits.device)
-    has_top_k = no_limit if meta.top_k is None else meta.top_k < vocab
-    has_top_p = no_limit if meta.top_p is None else meta.top_p < 1.0
-    num_candidates = meta.max_top_k or 0
-    if meta.top_p is not None:
-        num_candidates = max(num_candidates, _TOP_P_CANDIDATES)
-    values, indices = logits.topk(min(vocab, num_candidates), dim=-1)  # sorted, descending
+    result = logits
     if meta.top_k is not None:
+        assert meta.max_top_k is not None
+        has_top_k = meta.top_k < logits.shape[1]
+        values, indices = logits.topk(meta.max_top_k, dim=-1)  # sorted, descending
         positions = torch.arange(values.shape[1], device=logits.device)
         values.masked_fill_(positions >= meta.top_k.unsqueeze(1), float("-inf"))
-    wide_rows = None
-    if meta.top_p is not None:
-        # With top-k every survivor is a candidate; without, use the whole row's softmax.
-        probs = torch.where(
-            has_top_k.unsqueeze(1), values.softmax(-1), logits.softmax(-1).gather(1, indices)
-        )
-        cumulative = probs.cumsum(dim=-1)
-        top_p = meta.top_p.unsqueeze(1)
-        values.masked_fill_((cumulative - probs >= top_p) & has_top_p.unsqueeze(1), float("-inf"))
-        # The candidates hold the whole nucleus only if their mass reaches top_p.
-        wide = (cumulative[:, -1] < meta.top_p) & has_top_p & ~has_top_k
-        if bool(wide.any()):
-            wide_rows = wide.nonzero().flatten()
-    result = torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
-    # Rows with neither limit were cut to the candidates above; give them their logits back.
-    result = torch.where((has_top_k | has_top_p).unsqueeze(1), result, logits)
-    if wide_rows is not None:
+        if meta.top_p is not None:
+            probs = values.softmax(-1)  # over the top-k survivors
+            cumulative = probs.cumsum(dim=-1)
+            cut = (cumulative - probs >= meta.top_p.unsqueeze(1)) & (meta.top_p < 1.0).unsqueeze(1)
+            values.masked_fill_(cut, float("-inf"))
+        kept = torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
+        result = torch.where(has_top_k.unsqueeze(1), kept, logits)
+    if meta.top_p_sort_rows is not None:
         assert meta.top_p is not None
-        result[wide_rows] = _top_p_full_sort(logits[wide_rows], meta.top_p[wide_rows])
+        rows = meta.top_p_sort_rows
+        if result is logits:
+            result = logits.clone()
+        result[rows] = _top_p_full_sort(logits[rows], meta.top_p[rows])
     return result
 
 

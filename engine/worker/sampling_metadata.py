@@ -123,6 +123,8 @@ class SamplingMetadata:
     top_k: Optional[torch.Tensor]  # long; vocab_size where a row has no top-k
     max_top_k: Optional[int]  # the largest k among rows that have one
     top_p: Optional[torch.Tensor]  # float32; 1.0 where a row has no top-p
+    # Rows with a top-p and no top-k (they are sorted in full); None when there are none.
+    top_p_sort_rows: Optional[torch.Tensor]
     min_p: Optional[torch.Tensor]  # float32; 0.0 where a row has no min-p
     # (row indices, token ids, bias values), one entry per (row, token) pair.
     logit_bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -189,10 +191,13 @@ def _truncation(
     top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)]
     min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)]
     limited = [k for k in top_ks if k < vocab_size]
+    sort_rows = [i for i, (k, p) in enumerate(zip(top_ks, top_ps, strict=True))
+                 if p < 1.0 and k >= vocab_size]
     return dict(
         top_k=to.tensor(top_ks, torch.long) if limited else None,
         max_top_k=max(limited) if limited else None,
         top_p=to.tensor(top_ps, torch.float32) if any(p < 1.0 for p in top_ps) else None,
+        top_p_sort_rows=to.tensor(sort_rows, torch.long) if sort_rows else None,
         min_p=to.tensor(min_ps, torch.float32) if any(p > 0.0 for p in min_ps) else None,
     )
 
