@@ -27,7 +27,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler.output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.worker.input_batch import InputBatch, StepInputs
 from engine.worker.profiler import TraceProfiler
-from engine.worker.sampler import Sampler, logprobs_entries
+from engine.worker.sampler import LogprobsTensors, Sampler, logprob_tensors, row_logprobs
 from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetadata
 from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
 from platforms.kernels import use_kernels
@@ -176,27 +176,32 @@ class ModelRunner:
         for req_id in inputs.req_ids:
             self.input_batch.requests[req_id].num_computed_tokens += \
                 out.num_scheduled_tokens[req_id]
-        sampled, logprobs = self._sample(inputs, hidden)
+        sampled, logprobs, num_logprobs = self._sample(inputs, hidden)
         sample_req_ids = [inputs.req_ids[i] for i in inputs.sample_req_idx]
         for req_id in sample_req_ids:
             self.input_batch.requests[req_id].num_pending += 1
         self._last_sampled = sampled
         self._last_sample_row = {r: row for row, r in enumerate(sample_req_ids)}
         return StepHandle(self, inputs.req_ids, inputs.sample_req_idx, sample_req_ids,
-                          self._to_host(sampled), logprobs, prompt_logprobs)
+                          *self._to_host(sampled, logprobs, prompt_logprobs), num_logprobs)
 
-    def _to_host(self, sampled: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, Any]]:
-        """Start copying the sampled ids to the host: (host tensor, event to wait on). A
-        device that runs asynchronously copies into page-locked memory without waiting."""
-        if sampled is None:
-            return None
-        if not (self.platform.executes_asynchronously and self.platform.supports_pinned_memory):
-            return sampled.cpu(), None
-        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-        host.copy_(sampled, non_blocking=True)
-        event = self.platform.create_event()
-        event.record()
-        return host, event
+    def _to_host(self, sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
+                 prompt_logprobs: dict[str, LogprobsTensors]) -> tuple[Any, ...]:
+        """Start copying the step's results to the host: (sampled ids, logprobs, prompt
+        logprobs, event to wait on before reading them). A device that runs asynchronously
+        copies into page-locked memory without waiting; others copy now (event None)."""
+        pin = self.platform.executes_asynchronously and self.platform.supports_pinned_memory
+        host = None
+        if sampled is not None:
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=pin)
+            host.copy_(sampled, non_blocking=pin)
+        host_logprobs = None if logprobs is None else logprobs.to_host(pin)
+        host_prompt = {r: t.to_host(pin) for r, t in prompt_logprobs.items()}
+        event = None
+        if pin:
+            event = self.platform.create_event()
+            event.record()
+        return host, host_logprobs, host_prompt, event
 
     def _take_sampled(self, sample_req_ids: list[str], tokens: list[int]) -> None:
         """A step's sampled tokens are known on the host: append them (requests finished
@@ -210,10 +215,11 @@ class ModelRunner:
 
     def _sample(
         self, inputs: StepInputs, hidden: torch.Tensor
-    ) -> tuple[Optional[torch.Tensor], Optional[list[Optional[list[LogprobsEntry]]]]]:
-        """The sampled ids of the sampling rows (on the device), and their logprobs."""
+    ) -> tuple[Optional[torch.Tensor], Optional[LogprobsTensors], list[Optional[int]]]:
+        """The sampled ids of the sampling rows, their logprobs (both on the device), and
+        each row's logprobs k."""
         if not inputs.sample_req_idx:
-            return None, None
+            return None, None, []
         assert self.model is not None
         logits = self.model.compute_logits(hidden[inputs.sample_token_idx])
         rows = []
@@ -228,18 +234,14 @@ class ModelRunner:
         meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device,
                                       pin_memory=self.platform.supports_pinned_memory)
         result = self.sampler(logits, meta)
-        all_logprobs: Optional[list[Optional[list[LogprobsEntry]]]] = None
-        if result.logprobs is not None:
-            all_logprobs = [None] * len(inputs.req_ids)
-            for row, i in enumerate(inputs.sample_req_idx):
-                all_logprobs[i] = result.logprobs[row]
-        return result.sampled, all_logprobs
+        return result.sampled, result.logprob_tensors, result.num_logprobs
 
     def _prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor
-    ) -> dict[str, list[LogprobsEntry]]:
-        """Logprobs of prompt tokens 1.. for requests that asked, over this step's chunk."""
-        result: dict[str, list[LogprobsEntry]] = {}
+    ) -> dict[str, LogprobsTensors]:
+        """Logprobs of prompt tokens 1.. for requests that asked, over this step's chunk
+        (still on the device)."""
+        result: dict[str, LogprobsTensors] = {}
         assert self.model is not None
         for i, req_id in enumerate(inputs.req_ids):
             state = self.input_batch.requests[req_id]
@@ -253,10 +255,12 @@ class ModelRunner:
                 continue
             row0 = int(inputs.query_start_loc_np[i])
             logits = self.model.compute_logits(hidden[row0 : row0 + end - start])
-            targets = torch.as_tensor(
-                state.prompt_token_ids[start + 1 : end + 1], device=logits.device
-            )
-            result[req_id] = logprobs_entries(logits, targets, k)
+            targets = torch.as_tensor(state.prompt_token_ids[start + 1 : end + 1],
+                                      dtype=torch.long)
+            if self.platform.supports_pinned_memory:  # a blocking upload waits for the step
+                targets = targets.pin_memory()
+            targets = targets.to(logits.device, non_blocking=True)
+            result[req_id] = logprob_tensors(logits, targets, k)
         return result
 
     def warm_up(self, num_tokens: int = 16) -> None:
@@ -300,49 +304,50 @@ class ModelRunner:
 
 
 class StepHandle:
-    """One launched step; `result()` waits for its sampled tokens (once), hands them to the
-    runner's request state, and gives the step's output."""
+    """One launched step; `result()` waits for its results to reach the host (once), hands
+    the sampled tokens to the runner's request state, and gives the step's output."""
 
     def __init__(self, runner: Optional[ModelRunner], req_ids: list[str],
                  sample_req_idx: list[int], sample_req_ids: list[str],
-                 sampled_host: Optional[tuple[torch.Tensor, Any]],
-                 logprobs: Optional[list[Optional[list[LogprobsEntry]]]],
-                 prompt_logprobs: dict[str, list[LogprobsEntry]]) -> None:
+                 sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
+                 prompt_logprobs: dict[str, LogprobsTensors], event: Any,
+                 num_logprobs: list[Optional[int]]) -> None:
         self._runner = runner
         self._req_ids, self._sample_req_idx = req_ids, sample_req_idx
-        self._sample_req_ids, self._sampled_host = sample_req_ids, sampled_host
+        self._sample_req_ids, self._sampled = sample_req_ids, sampled
         self._logprobs, self._prompt_logprobs = logprobs, prompt_logprobs
+        self._event, self._num_logprobs = event, num_logprobs
         self._output: Optional[ModelRunnerOutput] = None
 
     @classmethod
     def done(cls, output: ModelRunnerOutput) -> StepHandle:
-        handle = cls(None, [], [], [], None, None, {})
+        handle = cls(None, [], [], [], None, None, {}, None, [])
         handle._output = output
         return handle
 
     def ready(self) -> bool:
         """Whether `result()` would return without waiting for the device."""
-        if self._output is not None or self._sampled_host is None:
-            return True
-        event = self._sampled_host[1]
-        return event is None or event.query()
+        return self._output is not None or self._event is None or self._event.query()
 
     def result(self) -> ModelRunnerOutput:
         if self._output is not None:
             return self._output
-        tokens: list[int] = []
-        if self._sampled_host is not None:
-            host, event = self._sampled_host
-            if event is not None:
-                event.synchronize()
-            tokens = host.tolist()
+        if self._event is not None:
+            self._event.synchronize()
+        tokens: list[int] = [] if self._sampled is None else self._sampled.tolist()
         assert self._runner is not None
         self._runner._take_sampled(self._sample_req_ids, tokens)
         sampled: list[list[int]] = [[] for _ in self._req_ids]
         for row, i in enumerate(self._sample_req_idx):
             sampled[i] = [tokens[row]]
+        logprobs: Optional[list[Optional[list[LogprobsEntry]]]] = None
+        if self._logprobs is not None:
+            rows = row_logprobs(self._logprobs.entries(), self._num_logprobs)
+            logprobs = [None] * len(self._req_ids)
+            for row, i in enumerate(self._sample_req_idx):
+                logprobs[i] = rows[row]
         self._output = ModelRunnerOutput(
-            req_ids=self._req_ids, sampled_token_ids=sampled, logprobs=self._logprobs,
-            prompt_logprobs=self._prompt_logprobs)
+            req_ids=self._req_ids, sampled_token_ids=sampled, logprobs=logprobs,
+            prompt_logprobs={r: t.entries() for r, t in self._prompt_logprobs.items()})
         self._runner = None
         return self._output

@@ -36,17 +36,54 @@ from engine.worker.sampling_metadata import SamplingMetadata
 _MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny
 
 
+@dataclass(frozen=True)
+class LogprobsTensors:
+    """Logprob entries not read yet: per row, the token asked about then the top-k (`ids`,
+    `values`: [rows, 1 + k]), and that token's rank (`ranks`: [rows]). Reading them waits
+    for the device, so a step hands them over still on it (`to_host` starts the copy)."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    ranks: torch.Tensor
+
+    def to_host(self, pin_memory: bool) -> LogprobsTensors:
+        """Host copies: without waiting, through page-locked memory, where there is any."""
+        if not pin_memory:
+            return LogprobsTensors(self.ids.cpu(), self.values.cpu(), self.ranks.cpu())
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        return LogprobsTensors(copy(self.ids), copy(self.values), copy(self.ranks))
+
+    def entries(self) -> list[LogprobsEntry]:
+        return [
+            LogprobsEntry(token_ids=ids, logprobs=values, rank=rank)
+            for ids, values, rank in zip(self.ids.tolist(), self.values.tolist(),
+                                         self.ranks.tolist(), strict=True)
+        ]
+
+
 @dataclass
 class SamplerOutput:
     sampled: torch.Tensor  # [num_rows] int64 on the logits' device; read it when needed
-    # Per row: [entry] when that row's params.logprobs is not None, else None.
-    # The whole field is None when no row asked for logprobs.
-    logprobs: Optional[list[Optional[list[LogprobsEntry]]]]
+    # The sampled tokens' logprobs, k = the largest any row asked for (None: no row did),
+    # and each row's own k (None: that row asked for none).
+    logprob_tensors: Optional[LogprobsTensors]
+    num_logprobs: list[Optional[int]]
 
     @property
     def sampled_token_ids(self) -> list[int]:
         """One token id per row (waits for the device)."""
         return self.sampled.tolist()
+
+    @property
+    def logprobs(self) -> Optional[list[Optional[list[LogprobsEntry]]]]:
+        """Per row [entry] where that row asked, else None (waits for the device)."""
+        if self.logprob_tensors is None:
+            return None
+        return row_logprobs(self.logprob_tensors.entries(), self.num_logprobs)
 
 
 class Sampler:
@@ -62,10 +99,12 @@ class Sampler:
             sampled = greedy_argmax(logits)
         else:
             sampled = _sample_random(logits, meta)
-        logprobs = None
+        tensors = None
         if raw_logprobs is not None:
-            logprobs = _row_logprobs(raw_logprobs, sampled, meta)
-        return SamplerOutput(sampled=sampled, logprobs=logprobs)
+            assert meta.max_num_logprobs is not None
+            tensors = _logprob_tensors(raw_logprobs, sampled, meta.max_num_logprobs)
+        return SamplerOutput(sampled=sampled, logprob_tensors=tensors,
+                             num_logprobs=meta.num_logprobs)
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -180,17 +219,15 @@ def _top_p_full_sort(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, indices, values)
 
 
-def _row_logprobs(
-    raw_logprobs: torch.Tensor, sampled: torch.Tensor, meta: SamplingMetadata
-) -> list[Optional[list[LogprobsEntry]]]:
-    assert meta.max_num_logprobs is not None
-    entries = _entries_from_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+def row_logprobs(entries: list[LogprobsEntry], num_logprobs: list[Optional[int]]
+                 ) -> list[Optional[list[LogprobsEntry]]]:
+    """Each row's entry cut to its own k (the chosen token is element 0, then the top-k);
+    None for rows that asked for none."""
     result: list[Optional[list[LogprobsEntry]]] = []
-    for entry, k in zip(entries, meta.num_logprobs, strict=True):
+    for entry, k in zip(entries, num_logprobs, strict=True):
         if k is None:
             result.append(None)
             continue
-        # The chosen token is element 0; keep it plus this row's own k of the top entries.
         result.append(
             [LogprobsEntry(entry.token_ids[: k + 1], entry.logprobs[: k + 1], entry.rank)]
         )
@@ -198,26 +235,28 @@ def _row_logprobs(
 
 
 def logprobs_entries(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[LogprobsEntry]:
-    """One entry per row of `logits` [num_rows, vocab]: `token_ids[row]` first, then the top-k.
+    """One entry per row of `logits` [num_rows, vocab]: `token_ids[row]` first, then the top-k
+    (see `logprob_tensors`; this reads them, waiting for the device)."""
+    return logprob_tensors(logits, token_ids, k).entries()
+
+
+def logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """Per row of `logits` [num_rows, vocab]: `token_ids[row]` first, then the top-k, still on
+    the device.
 
     Used for prompt logprobs, where `token_ids` are the next prompt tokens. Values are the
     log_softmax of `logits`; rank is 1 + the number of tokens with a strictly larger logprob.
     """
     if k < 0:
         raise ValueError(f"k (the number of top logprobs) must be non-negative, got {k}.")
-    return _entries_from_logprobs(torch.log_softmax(logits.float(), dim=-1), token_ids, k)
+    return _logprob_tensors(torch.log_softmax(logits.float(), dim=-1), token_ids, k)
 
 
-def _entries_from_logprobs(
-    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
-) -> list[LogprobsEntry]:
+def _logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+                     ) -> LogprobsTensors:
     token_ids = token_ids.to(device=logprobs.device, dtype=torch.long).unsqueeze(1)
     chosen = logprobs.gather(1, token_ids)  # [num_rows, 1]
     ranks = (logprobs > chosen).sum(dim=-1) + 1
     top_values, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
-    all_ids = torch.cat([token_ids, top_ids], dim=1).tolist()
-    all_values = torch.cat([chosen, top_values], dim=1).tolist()
-    return [
-        LogprobsEntry(token_ids=ids, logprobs=values, rank=rank)
-        for ids, values, rank in zip(all_ids, all_values, ranks.tolist(), strict=True)
-    ]
+    return LogprobsTensors(torch.cat([token_ids, top_ids], dim=1),
+                           torch.cat([chosen, top_values], dim=1), ranks)

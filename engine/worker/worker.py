@@ -127,8 +127,8 @@ class _DriverOnly:
 def _serve(worker: Worker, inbox: Any, outbox: Any, parent_pid: int) -> None:
     """Answer calls, in order, until told to stop or the parent is gone.
 
-    A step is answered once its sampled tokens are back, but the worker does not wait for
-    that before taking the next call: a step that arrives first is launched first (async
+    A step is answered as soon as its results are back, but the worker does not wait for
+    that before taking the next call: a step that arrives meanwhile is launched first (async
     scheduling keeps the device busy with step N+1 while step N's answer travels)."""
     launched: collections.deque[Any] = collections.deque()  # steps not answered yet
 
@@ -143,10 +143,10 @@ def _serve(worker: Worker, inbox: Any, outbox: Any, parent_pid: int) -> None:
             answer(False, traceback.format_exc())
 
     while True:
-        if launched:  # answer the oldest step once done, unless a new call comes first
+        while launched and launched[0].ready():  # done: answer at once (a pipeline stage's
+            answer_oldest()                       # next batch may wait for this answer)
+        if launched:  # spin until the oldest step is done or a new call comes
             if not inbox.poll(0):
-                if launched[0].ready():
-                    answer_oldest()
                 continue
         elif not inbox.poll(1000):
             if os.getppid() != parent_pid:
