@@ -117,7 +117,7 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     chunks = next((c for c in (256, 128, 64, 32) if vocab % c == 0 and vocab // c >= 64), 1)
     if chunks == 1 or rows > 16:  # enough rows to fill the device: one reduction is best
         return logits.argmax(dim=-1)
-    values, index = logits.view(rows, chunks, vocab // chunks).max(dim=-1)
+    values, index = logits.reshape(rows, chunks, vocab // chunks).max(dim=-1)
     best = values.argmax(dim=-1, keepdim=True)  # [rows, 1]: first piece with the maximum
     return (best * (vocab // chunks) + index.gather(1, best)).squeeze(1)
 
