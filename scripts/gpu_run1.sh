@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MU
 nvidia-smi -L
 python3 scripts/make_llama8b_config.py /tmp/llama-3.1-8b-shape >/dev/null
 if [[ " $* " == *" tests "* ]]; then
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider plugins/cuda/tests/test_gpu_e2e.py \
+  timeout 380 python3 -m pytest -v -x -p no:cacheprovider plugins/cuda/tests/test_gpu_e2e.py \
     plugins/cuda/tests/test_graph_runner.py >"$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
 fi
 if [[ " $* " == *" latency "* ]]; then
