@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.benchmarks import roofline
+from engine.benchmarks import print_columns, roofline
 from engine.benchmarks.throughput import free_engine, load_hf_model, make_workload
 from engine.entrypoints.args import add_engine_args, engine_args_from_namespace
 
@@ -99,11 +99,7 @@ def measure_hf(model, prompts: list[list[int]], output_len: int, warmup: int, it
 
 
 def print_table(results: list[Latency]) -> None:
-    header = ["runner", "TTFT ms", "TPOT ms", "e2e s", "output tok/s"]
-    rows = [header] + [r.row() for r in results]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print_columns([["runner", "TTFT ms", "TPOT ms", "e2e s", "output tok/s"]] + [r.row() for r in results])
     if len(results) == 2:
         engine, peer = results
         print(f"TPOT ratio {peer.name} / {engine.name}: {peer.tpot_s / engine.tpot_s:.2f}x "

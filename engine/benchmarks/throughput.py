@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.benchmarks import print_columns
 from engine.entrypoints.args import add_engine_args, engine_args_from_namespace
 
 
@@ -172,11 +173,7 @@ def subset(workload: Workload, num_prompts: Optional[int]) -> Workload:
 
 
 def print_table(results: list[Result]) -> None:
-    header = ["runner", "seconds", "requests/s", "total tok/s", "output tok/s"]
-    rows = [header] + [r.row() for r in results]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print_columns([["runner", "seconds", "requests/s", "total tok/s", "output tok/s"]] + [r.row() for r in results])
     if len(results) == 2:
         a, b = results
         ratio = (a.output_tokens / a.seconds) / (b.output_tokens / b.seconds)

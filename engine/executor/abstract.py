@@ -48,9 +48,11 @@ class Executor(abc.ABC):
         """How many batches may be in flight at once (1: one step at a time)."""
         return 1
 
-    # Whether `execute_model_async` returns before the step is done, so the core can schedule
-    # the next step meanwhile (async scheduling).
-    supports_async_scheduling: bool = False
+    @property
+    def supports_async_scheduling(self) -> bool:
+        """Whether `execute_model_async` returns before the step is done, so the core can
+        schedule the next step meanwhile (async scheduling)."""
+        return False
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> DoneBatch:
         """Dispatch a batch; the handle's `result()` gives its output (this default runs it
@@ -139,7 +141,7 @@ class RankedExecutor(Executor):
         return self.pp_size  # one batch per pipeline stage
 
     @property
-    def supports_async_scheduling(self) -> bool:  # type: ignore[override]
+    def supports_async_scheduling(self) -> bool:
         return self.pp_size == 1  # workers answer a step once its tokens are back
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -36,7 +36,9 @@ class UniprocExecutor(Executor):
     def warm_up(self) -> None:
         self.runner.warm_up()
 
-    supports_async_scheduling = True
+    @property
+    def supports_async_scheduling(self) -> bool:
+        return True
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)

@@ -192,9 +192,11 @@ class ModelRunner:
         copies into page-locked memory without waiting; others copy now (event None)."""
         pin = self.platform.executes_asynchronously and self.platform.supports_pinned_memory
         host = None
-        if sampled is not None:
-            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=pin)
-            host.copy_(sampled, non_blocking=pin)
+        if sampled is not None and pin:
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+        elif sampled is not None:
+            host = sampled.cpu()  # the tensor itself where the device is the host
         host_logprobs = None if logprobs is None else logprobs.to_host(pin)
         host_prompt = {r: t.to_host(pin) for r, t in prompt_logprobs.items()}
         event = None

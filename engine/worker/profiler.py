@@ -19,6 +19,7 @@ class TraceProfiler:
     def __init__(self) -> None:
         self._profile: Optional[Any] = None
         self._target: tuple[str, str] = ("", "")
+        self._has_device = False  # whether the profile records device time
 
     def start(self, directory: str, name: str) -> None:
         if self._profile is not None:
