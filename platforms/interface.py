@@ -47,8 +47,8 @@ PLATFORM_API_VERSION = 2
 #   Optional additions within 2 (defaults keep older plugins working): scheduling_constraints
 #   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes,
 #   inference_context (the no-grad mode a step runs under; XLA needs no_grad),
-#   executes_asynchronously (async scheduling by default) with DeviceEvent.query, and
-#   default_max_num_seqs.
+#   executes_asynchronously (async scheduling by default) with DeviceEvent.query,
+#   default_max_num_seqs, and DeviceModulePlatform (a base for torch-style device modules).
 
 
 @dataclass(frozen=True)
@@ -505,3 +505,49 @@ class Platform(abc.ABC):
             "collectives": self.distributed_backend,
             "kernels": ", ".join(sorted({k.name for k in self.kernel_overrides()})) or "reference",
         }
+
+
+class DeviceModulePlatform(Platform):
+    """A platform driven through a torch-style device module (`torch.cuda`, `torch.npu`,
+    `habana_frameworks.torch.hpu`, ...): device count and selection, free/total memory,
+    synchronize, peak-memory statistics and events all come from `device_module()`, so a
+    vendor writes those once here instead of once per plugin. Override what a module lacks.
+
+    Example::
+
+        class MyPlatform(DeviceModulePlatform):
+            name, device_type = "my", "mydev"
+
+            def device_module(self):
+                import my_torch_ext  # noqa: F401  (adds torch.mydev)
+                return torch.mydev
+    """
+
+    @abc.abstractmethod
+    def device_module(self) -> Any:
+        """The module; imported on first use, never at discovery."""
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device(self.device_type, local_rank)
+
+    def device_count(self) -> int:
+        return int(self.device_module().device_count())
+
+    def set_device(self, device: torch.device) -> None:
+        self.device_module().set_device(device)
+
+    def memory_info(self) -> tuple[int, int]:
+        free, total = self.device_module().mem_get_info()
+        return int(free), int(total)
+
+    def synchronize(self) -> None:
+        self.device_module().synchronize()
+
+    def reset_peak_memory(self) -> None:
+        self.device_module().reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int:
+        return int(self.device_module().max_memory_reserved())
+
+    def create_event(self) -> DeviceEvent:
+        return QueuedDeviceEvent(self.device_module().Event)

@@ -18,10 +18,8 @@ from platforms.interface import (
     AttentionBackend,
     AttentionSpec,
     Communicator,
-    DeviceEvent,
+    DeviceModulePlatform,
     ModelForward,
-    Platform,
-    QueuedDeviceEvent,
     TorchDistributedCommunicator,
 )
 from platforms.kernels import KernelImpl
@@ -56,7 +54,7 @@ class HcclCommunicator(TorchDistributedCommunicator):
         super().__init__(group)
 
 
-class AscendPlatform(Platform):
+class AscendPlatform(DeviceModulePlatform):
     name = "ascend"
     device_type = "npu"
     priority = 80
@@ -69,31 +67,9 @@ class AscendPlatform(Platform):
     def is_available(cls) -> bool:
         return npu_available()
 
-    # ---- device & memory ----
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("npu", local_rank)
-
-    def device_count(self) -> int:
-        return int(_npu().device_count())
-
-    def set_device(self, device: torch.device) -> None:
-        _npu().set_device(device)
-
-    def memory_info(self) -> tuple[int, int]:
-        free, total = _npu().mem_get_info()
-        return int(free), int(total)
-
-    def synchronize(self) -> None:
-        _npu().synchronize()
-
-    def reset_peak_memory(self) -> None:
-        _npu().reset_peak_memory_stats()
-
-    def peak_memory_bytes(self) -> int:
-        return int(_npu().max_memory_reserved())
-
-    def create_event(self) -> DeviceEvent:
-        return QueuedDeviceEvent(_npu().Event)
+    # ---- device & memory: DeviceModulePlatform over torch.npu ----
+    def device_module(self):
+        return _npu()
 
     # ---- config ----
     def validate(self, config) -> list[str]:

@@ -16,11 +16,9 @@ from platforms.interface import (
     AttentionBackend,
     AttentionSpec,
     Communicator,
-    DeviceEvent,
+    DeviceModulePlatform,
     GraphRunner,
     ModelForward,
-    Platform,
-    QueuedDeviceEvent,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +39,7 @@ TRITON_KERNEL_PRIORITY = 10
 
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(DeviceModulePlatform):
     name = "cuda"
     device_type = "cuda"
     priority = 100
@@ -64,25 +62,9 @@ class CudaPlatform(Platform):
         # A ROCm build of torch also answers torch.cuda; it belongs to the ROCm platform.
         return torch.version.hip is None and torch.cuda.is_available()
 
-    # ---- device & memory ----
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("cuda", local_rank)
-
-    def device_count(self) -> int:
-        return torch.cuda.device_count()
-
-    def set_device(self, device: torch.device) -> None:
-        torch.cuda.set_device(device)
-
-    def memory_info(self) -> tuple[int, int]:
-        free, total = torch.cuda.mem_get_info()
-        return int(free), int(total)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize()
-
-    def reset_peak_memory(self) -> None:
-        torch.cuda.reset_peak_memory_stats()
+    # ---- device & memory (the rest from DeviceModulePlatform over torch.cuda) ----
+    def device_module(self):
+        return torch.cuda
 
     def peak_memory_bytes(self) -> int:
         """Peak bytes torch's allocator reserved since `reset_peak_memory` (weights,
@@ -100,9 +82,6 @@ class CudaPlatform(Platform):
         gen = torch.Generator(device=self.device(torch.cuda.current_device()))
         gen.manual_seed(seed)
         return gen
-
-    def create_event(self) -> DeviceEvent:
-        return QueuedDeviceEvent(torch.cuda.Event)
 
     # ---- config ----
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -18,10 +18,8 @@ from platforms.interface import (
     AttentionBackend,
     AttentionSpec,
     Communicator,
-    DeviceEvent,
+    DeviceModulePlatform,
     ModelForward,
-    Platform,
-    QueuedDeviceEvent,
     TorchDistributedCommunicator,
 )
 from platforms.static_attention import StaticPagedAttentionBackend
@@ -56,7 +54,7 @@ class HcclCommunicator(TorchDistributedCommunicator):
         super().__init__(group)
 
 
-class GaudiPlatform(Platform):
+class GaudiPlatform(DeviceModulePlatform):
     name = "gaudi"
     device_type = "hpu"
     priority = 80
@@ -68,29 +66,16 @@ class GaudiPlatform(Platform):
     def is_available(cls) -> bool:
         return hpu_available()
 
-    # ---- device & memory ----
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("hpu", local_rank)
-
-    def device_count(self) -> int:
-        return int(_hpu().device_count())
-
-    def set_device(self, device: torch.device) -> None:
-        _hpu().set_device(device)
+    # ---- device & memory: DeviceModulePlatform over habana_frameworks' hpu ----
+    def device_module(self):
+        return _hpu()
 
     def memory_info(self) -> tuple[int, int]:
         hpu = _hpu()
         if hasattr(hpu, "mem_get_info"):
-            free, total = hpu.mem_get_info()
-            return int(free), int(total)
+            return super().memory_info()
         stats = hpu.memory_stats()
         return int(stats["Limit"]) - int(stats["InUse"]), int(stats["Limit"])
-
-    def synchronize(self) -> None:
-        _hpu().synchronize()
-
-    def create_event(self) -> DeviceEvent:
-        return QueuedDeviceEvent(_hpu().Event)
 
     def make_generator(self, seed: int) -> torch.Generator:
         # Per-request seeded sampling draws on the host (no HPU torch.Generator is assumed).
