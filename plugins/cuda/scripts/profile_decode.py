@@ -47,7 +47,12 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1,
                     help="Tensor-parallel size; with more than 1, each rank's trace and op "
-                    "table of a 32-token generate (LLM.start_profile) instead.")
+                    "table of a 64-token generate (LLM.start_profile) instead.")
+    ap.add_argument("--ranks", action="store_true",
+                    help="The per-rank trace path (what --tp > 1 takes) at any --tp, so "
+                    "TP=1 and TP=2 are profiled alike.")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="Fewer captured decode sizes start faster; batch 1 is the same.")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,8 +60,8 @@ def main() -> int:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-              tensor_parallel_size=args.tp)
-    if args.tp > 1:
+              tensor_parallel_size=args.tp, max_num_seqs=args.max_num_seqs)
+    if args.tp > 1 or args.ranks:
         return _profile_ranks(llm, out, args.output_len)
     runner = llm.core.executor.runner
     rows = []
@@ -115,8 +120,11 @@ def main() -> int:
 
 
 def _profile_ranks(llm, out: Path, output_len: int) -> int:
-    """Tensor parallelism: the workers run in their own processes, so each writes its own
-    trace; print the e2e time per token and the head of rank 0's op table."""
+    """Each rank writes its own trace (with tensor parallelism the workers run in their own
+    processes). Prints the e2e time per token and rank 0's device time per step: an 8-token
+    prompt, so the profiled 64 steps are alike (the prefill costs what a decode step does)."""
+    from trace_summary import summarize
+
     from engine import SamplingParams
 
     prompt = {"prompt_token_ids": list(range(1000, 1128))}
@@ -126,14 +134,19 @@ def _profile_ranks(llm, out: Path, output_len: int) -> int:
     llm.generate([prompt], params, use_tqdm=False)
     print(f"generate e2e / {output_len} tokens: "
           f"{(time.perf_counter() - t0) * 1000 / output_len:.3f} ms")
+    steps = 64
+    short = {"prompt_token_ids": list(range(1000, 1008))}
     llm.start_profile(str(out / "ranks"))
     t0 = time.perf_counter()
-    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+    llm.generate([short], SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True),
                  use_tqdm=False)
-    print(f"profiled 32-token generate: wall {(time.perf_counter() - t0) * 1000:.1f} ms")
+    wall = (time.perf_counter() - t0) * 1000
+    print(f"profiled {steps}-token generate: wall {wall:.1f} ms = {wall / steps:.3f} ms/step")
     files = llm.stop_profile()
     print("\n".join(files))
-    print((out / "ranks" / "rank0.txt").read_text()[:6000])
+    for trace in sorted(f for f in files if f.endswith(".json.gz")):
+        print(summarize(Path(trace), steps))
+    print((out / "ranks" / "rank0.txt").read_text()[:4000])
     return 0
 
 
