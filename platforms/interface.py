@@ -48,7 +48,8 @@ PLATFORM_API_VERSION = 2
 #   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes,
 #   inference_context (the no-grad mode a step runs under; XLA needs no_grad),
 #   executes_asynchronously (async scheduling by default) with DeviceEvent.query,
-#   default_max_num_seqs, and DeviceModulePlatform (a base for torch-style device modules).
+#   default_max_num_seqs, DeviceModulePlatform (a base for torch-style device modules), and
+#   Communicator.all_reduce_add_rms_norm (all-reduce fused with residual add and RMSNorm).
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,24 @@ class Communicator(abc.ABC):
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Split `x` into world_size equal chunks along dim 0; chunk j goes to rank j, and
         the result is the chunks received, concatenated in rank order."""
+
+    def all_reduce_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_rms_norm(all_reduce(x), residual, weight, eps)`: the sum over ranks of a
+        row-parallel layer's partial output `x` [T, H], plus `residual`, normalised; returns
+        (normed, summed) as the kernel table's ``fused_add_rms_norm`` does, and
+        `add_rms_norm` is that op. Optional: a platform may do it all in one kernel (the
+        all-reduce output never written out), with the same numbers as this default: the
+        sum rounded to x's dtype, then the residual added.
+
+        Example::
+
+            normed, residual = comm.all_reduce_add_rms_norm(partial, residual, w, 1e-6,
+                                                            kernel("fused_add_rms_norm"))
+        """
+        return add_rms_norm(self.all_reduce(x), residual, weight, eps)
 
     def barrier(self) -> None:  # noqa: B027
         """Wait for every rank."""

@@ -4,6 +4,13 @@ DeepSeek-R1-Distill-Llama) and, through `DecoderOptions`, by Qwen2 and Qwen3.
 Rule: a variant is a set of options on this one decoder (qkv bias, per-head q/k norm), never
 a copy of it. Tokens are flattened ([T], no batch dimension); the paged cache work is the
 `Attention` layer's. Compute runs in the model dtype; logits come out in float32.
+
+With tensor parallelism the two row-parallel projections of a layer (o_proj, down_proj)
+return this rank's partial sums, and the norm after each (the next post-attention or input
+norm, or the final norm) sums them over the ranks fused with its residual add. So the
+residual stream is always whole and a branch output is partial; the hidden state a pipeline
+stage hands on is partial too (each TP rank sends its own to the same rank of the next
+stage, whose first norm sums it).
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.heads.num_heads
         self.num_kv_heads = self.qkv_proj.heads.num_kv_heads
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
-                                        bias=opts.o_bias)
+                                        bias=opts.o_bias, reduce_output=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache
@@ -98,7 +105,8 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size],
                                                        bias=bias)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias,
+                                           reduce_output=False)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +119,11 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, backend, opts, rotary_emb)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Both take a partial branch output (the row-parallel projections do not reduce).
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                       partial_input=True)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                partial_input=True)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: Optional[torch.Tensor], attn_metadata: Any
@@ -148,7 +159,7 @@ class LlamaModel(nn.Module):
             if i in self.stage.layers else nn.Identity()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, partial_input=True)
                      if self.stage.is_last else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,

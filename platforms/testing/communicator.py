@@ -34,6 +34,33 @@ def _expect(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
                              f" want {want.flatten()[:8].tolist()} shape {tuple(want.shape)}")
 
 
+def _check_all_reduce_add_rms_norm(comm, rank: int, world: int, device) -> None:
+    """The fused all-reduce + residual add + RMSNorm against the reference on the sum, at
+    two shapes (a fused kernel may take only some), twice each (a kernel that keeps state
+    between calls must be right the second time too)."""
+    from platforms.kernels import REFERENCE
+
+    ref = REFERENCE["fused_add_rms_norm"]
+    def part(r: int, rows: int, hidden: int) -> torch.Tensor:  # known to every rank
+        g = torch.Generator().manual_seed(1000 * rows + r)
+        return torch.randn(rows, hidden, generator=g)
+
+    for rows, hidden in ((3, 8), (2, 4096)):
+        residual = torch.linspace(-1, 1, rows * hidden).reshape(rows, hidden)
+        weight = torch.linspace(0.5, 1.5, hidden)
+        want_norm, want_sum = ref(sum(part(r, rows, hidden) for r in range(world)), residual, weight, 1e-6)
+        for _ in range(2):
+            got_norm, got_sum = comm.all_reduce_add_rms_norm(
+                part(rank, rows, hidden).to(device), residual.to(device), weight.to(device), 1e-6, ref)
+            for name, got, want in (("normed", got_norm, want_norm), ("sum", got_sum, want_sum)):
+                got = got.detach().to("cpu", torch.float64)
+                if got.shape != want.shape or not torch.allclose(got, want.double(), atol=1e-4,
+                                                                 rtol=1e-4):
+                    raise AssertionError(
+                        f"all_reduce_add_rms_norm {rows}x{hidden} ({name}): got "
+                        f"{got.flatten()[:6].tolist()}, want {want.flatten()[:6].tolist()}")
+
+
 def _rank_main(rank: int, platform_cls: type[Platform], world: int, port: int,
                results: mp.Queue) -> None:
     import torch.distributed as dist
@@ -53,6 +80,7 @@ def _rank_main(rank: int, platform_cls: type[Platform], world: int, port: int,
         x = mine(rank).to(device)
         total = sum(mine(r) for r in range(world))
         _expect("all_reduce", comm.all_reduce(x), total)
+        _check_all_reduce_add_rms_norm(comm, rank, world, device)
         _expect("all_gather", comm.all_gather(x, dim=0), torch.cat([mine(r) for r in range(world)]))
         _expect("all_gather dim 1", comm.all_gather(x, dim=1),
                 torch.cat([mine(r) for r in range(world)], dim=1))

@@ -10,7 +10,9 @@ from the current `ParallelContext` at construction; with one rank every layer is
 linear and no collective runs.
 
 Column-parallel: output rows split, no communication. Row-parallel: input columns split,
-partial sums added with the communicator's all_reduce (bias once, after it). Vocabulary-
+partial sums added with the communicator's all_reduce (bias once, after it), or, with
+`reduce_output=False`, left for the layer after to sum (an `RMSNorm(partial_input=True)`
+fuses that sum with its residual add; the bias is then added on rank 0 only). Vocabulary-
 parallel: rows of the table split (padded to equal parts); lookups are masked and summed
 over ranks; logits are gathered to every rank (so every rank samples the same tokens).
 """
@@ -167,11 +169,15 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 class RowParallelLinear(Linear):
     """Input columns split over ranks (the input arrives split, from a column-parallel layer);
-    partial products summed over ranks with all_reduce, then the (replicated) bias added."""
+    partial products summed over ranks with all_reduce, then the (replicated) bias added.
+    With `reduce_output=False` the output is this rank's partial sum (bias on rank 0 only):
+    the next layer sums it, fused with what it does (see `RMSNorm`)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 reduce_output: bool = True) -> None:
         ctx = parallel_context()
         self.tp_rank, self.tp_size, self.comm = ctx.tp_rank, ctx.tp_size, ctx.tp_comm
+        self.reduce_output = reduce_output
         if in_features % self.tp_size:
             raise ValueError(f"{in_features} input features do not split over "
                              f"{self.tp_size} ranks; change --tensor-parallel-size.")
@@ -188,8 +194,11 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        if self.comm is not None and self.tp_size > 1:
-            y = self.comm.all_reduce(y)
+        if self.comm is None or self.tp_size == 1:
+            return y if self.bias is None else y + self.bias
+        if not self.reduce_output:  # a partial sum; the bias counted once, on rank 0
+            return y if self.bias is None or self.tp_rank else y + self.bias
+        y = self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
