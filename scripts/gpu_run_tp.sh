@@ -12,13 +12,24 @@ python3 scripts/make_llama8b_config.py $M >/dev/null
 BENCH=(python3 -m engine.entrypoints.cli bench)
 if [[ " $* " == *" allreduce "* ]]; then
   timeout 150 python3 plugins/cuda/scripts/allreduce_check.py --world-size 2 >"$OUT/allreduce.log" 2>&1
-  tail -22 "$OUT/allreduce.log"
+  tail -30 "$OUT/allreduce.log"
 fi
 if [[ " $* " == *" equal "* ]]; then
   timeout 200 python3 plugins/cuda/scripts/tp_check.py $M --tp 2 --out /tmp/tpc >"$OUT/tp_check.log" 2>&1
   grep -E "TP=|all-reduce|generate" "$OUT/tp_check.log" | tail -8
 fi
 for tp in ${TPS:-1 2}; do
+  if [[ " $* " == *" profile "* ]]; then
+    timeout 200 python3 plugins/cuda/scripts/profile_decode.py $M --tp $tp --ranks --max-num-seqs 8 \
+      --out "$OUT/prof_tp$tp" >"$OUT/profile_tp$tp.log" 2>&1
+    grep -B2 -A40 "^generate e2e" "$OUT/profile_tp$tp.log" | grep -v "^/" | head -60
+  fi
+  if [[ " $* " == *" latency-apart "* && $tp -gt 1 ]]; then
+    ENGINE_FUSED_ALLREDUCE_NORM=0 timeout 150 "${BENCH[@]}" latency $M --load-format dummy \
+      --dtype bfloat16 --input-len 128 --output-len 256 --batch-size 1 --max-model-len 4096 \
+      --no-hf-peer -tp $tp >"$OUT/latency_apart_tp$tp.log" 2>&1
+    echo "(all-reduce and norm apart)"; grep -E "^ *engine |roofline" "$OUT/latency_apart_tp$tp.log"
+  fi
   if [[ " $* " == *" latency "* ]]; then
     timeout 150 "${BENCH[@]}" latency $M --load-format dummy --dtype bfloat16 --input-len 128 \
       --output-len 256 --batch-size 1 --max-model-len 4096 --no-hf-peer -tp $tp \

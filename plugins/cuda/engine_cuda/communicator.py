@@ -3,20 +3,38 @@
 Rule: every collective is one native call on contiguous tensors (no emulation through
 all_reduce as the gloo-safe base class does), so each costs what NCCL costs and can be
 captured in a CUDA graph; small all-reduces on GPUs of one host take a one-shot
-symmetric-memory kernel instead (`symm_allreduce.py`), chosen alike on every rank.
+symmetric-memory kernel instead (`symm_allreduce.py`), chosen alike on every rank, and a
+small all-reduce followed by the residual add and RMSNorm is one kernel
+(`allreduce_norm.py`). `ENGINE_FUSED_ALLREDUCE_NORM=0` keeps those two steps apart.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 
+from engine_cuda.allreduce_norm import FusedAllReduceNorm
 from engine_cuda.symm_allreduce import SymmAllReduce
 from platforms.interface import TorchDistributedCommunicator
 
 logger = logging.getLogger(__name__)
+
+FUSED_ENV = "ENGINE_FUSED_ALLREDUCE_NORM"  # "0": all-reduce, then add + norm, apart
+
+
+def _agree_flag(flag: bool, group: torch.distributed.ProcessGroup) -> bool:
+    """True on every rank iff `flag` on any rank (so a variable set on one rank only still
+    gives every rank the same path)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device=torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 class NcclCommunicator(TorchDistributedCommunicator):
@@ -33,9 +51,20 @@ class NcclCommunicator(TorchDistributedCommunicator):
         if use_symm_mem:
             device = torch.device("cuda", torch.cuda.current_device())
             self.fast_all_reduce, reason = SymmAllReduce.create(group, device)
+        self.fused_norm: Optional[FusedAllReduceNorm] = None
         if self.fast_all_reduce is not None:
             self.all_reduce_path = (f"symmetric-memory one-shot up to "
                                     f"{self.fast_all_reduce.max_bytes // 1024} KiB, NCCL above")
+            # Every rank reached here (the one-shot setup agreed); the variable must agree
+            # too, since creation is collective: `create` is entered on all ranks or none.
+            fused_off = _agree_flag(os.environ.get(FUSED_ENV) == "0", group)
+            if not fused_off:
+                self.fused_norm, why = FusedAllReduceNorm.create(
+                    group, self.fast_all_reduce.device, self.fast_all_reduce.max_bytes)
+                self.all_reduce_path += ("; all-reduce + residual + RMSNorm fused"
+                                         if self.fused_norm else f"; no fused norm ({why})")
+            else:
+                self.all_reduce_path += f"; no fused norm ({FUSED_ENV}=0)"
         else:
             self.all_reduce_path = f"NCCL ({reason})"
         if self.world_size > 1:
@@ -48,7 +77,19 @@ class NcclCommunicator(TorchDistributedCommunicator):
             return fast.all_reduce(x)
         return super().all_reduce(x)
 
+    def all_reduce_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+        add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.fused_norm
+        if fused is not None and fused.can_fuse(x, residual, weight):
+            return fused(x, residual, weight, eps)
+        return add_rms_norm(self.all_reduce(x), residual, weight, eps)
+
     def destroy(self) -> None:
+        if self.fused_norm is not None:
+            self.fused_norm.destroy()
+            self.fused_norm = None
         if self.fast_all_reduce is not None:
             self.fast_all_reduce.destroy()
             self.fast_all_reduce = None

@@ -370,6 +370,7 @@ class CudaGraphRunner(GraphRunner):
         ids, positions = static.input_ids[:size], static.positions[:size]
         # Eager once first: Triton compiles and cuBLAS picks its kernels outside the capture.
         self._output_rows(self.forward(ids, positions, metadata), size)
+        _drain(ids.device)
         graph = torch.cuda.CUDAGraph()
         with _capturing(graph, self._pool):
             out = self.forward(ids, positions, metadata)
@@ -388,6 +389,7 @@ class CudaGraphRunner(GraphRunner):
             self._output_rows(self.forward(ids, positions, metadata), size)
         finally:
             self._reserving = False
+        _drain(ids.device)
         splitter = _Splitter(self._pool, self._attn_buffers)
         self._splitter = splitter
         try:
@@ -435,6 +437,14 @@ class CudaGraphRunner(GraphRunner):
             if piece.attention is not None:
                 piece.attention.run(num_tokens, attn_metadata)
         return self._output[:num_tokens]
+
+
+def _drain(device: torch.device) -> None:
+    """Let the eager warm-up finish before a capture starts, as `torch.cuda.graph` does: the
+    capture then begins on an idle device, and a warm-up kernel that cannot finish (one
+    waiting on a peer GPU that never answers) stops startup here, at the warm-up, rather
+    than somewhere inside the capture."""
+    torch.cuda.synchronize(device)
 
 
 @contextmanager

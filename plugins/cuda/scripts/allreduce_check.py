@@ -152,6 +152,9 @@ def _rank_main(rank: int, world: int, port: int, results: Any) -> None:
                 rows, errs = _one_size(comm, nccl, bench, rank, world, nbytes, dtype)
                 lines += rows
                 errors += errs
+            rows, errs = _fused_norm(comm, nccl, rank, world)
+            lines += rows
+            errors += errs
     except BaseException:
         errors.append(f"rank {rank}: {traceback.format_exc()}")
     # every rank's verdict reaches rank 0 through the parent
@@ -200,6 +203,47 @@ def _one_size(comm: Any, nccl: Any, bench: Any, rank: int, world: int, nbytes: i
         rows.append(f"{size:>9} {str(dtype)[6:]:>8} {path:>5} {eager:9.1f} {graph_us:9.1f} "
                     f"{bus:9.1f}  {mark}")
     return rows, errors
+
+
+def _fused_norm(comm: Any, nccl: Any, rank: int, world: int
+                ) -> tuple[list[str], list[str]]:
+    """All-reduce + residual add + RMSNorm in one kernel against NCCL's all-reduce followed
+    by the reference add + norm: equal (bf16, fp32) eager and after many graph replays, and
+    the time of both ways per call inside a graph."""
+    from engine_cuda.ops.norm import fused_add_rms_norm as triton_add_norm
+
+    from platforms.kernels import REFERENCE
+
+    ref = REFERENCE["fused_add_rms_norm"]
+    errors: list[str] = []
+    fused = comm.fused_norm
+    if fused is None:
+        return [f"fused all-reduce + norm: not set up ({comm.all_reduce_path})"], [
+            "fused all-reduce + norm did not set up"]
+    lines = [f"{'rows':>9} {'dtype':>8} {'fused us':>9} {'apart us':>9}  (hidden 4096, in graph)"]
+    for rows, dtype in ((1, torch.bfloat16), (4, torch.bfloat16), (32, torch.bfloat16),
+                        (128, torch.bfloat16), (3, torch.float32)):
+        gen = torch.Generator(device="cuda").manual_seed(99 + rows)
+        residual = torch.randn(rows, 4096, generator=gen, device="cuda").to(dtype)
+        weight = torch.rand(4096, generator=gen, device="cuda").to(dtype) + 0.5
+        _, x = _inputs(rank, rows * 4096, dtype)
+        x = x.view(rows, 4096)
+        want_n, want_s = ref(nccl.all_reduce(x), residual, weight, 1e-5)
+        tag = f"fused norm {rows}x4096 {dtype}"
+        if not fused.can_fuse(x, residual, weight):
+            errors.append(f"{tag}: not eligible")
+            continue
+        for it in range(3):  # both phases, and back
+            got_n, got_s = comm.all_reduce_add_rms_norm(x, residual, weight, 1e-5, ref)
+            errors += _mismatch(f"{tag} sum #{it}", got_s, want_s, False, world)
+            errors += _mismatch(f"{tag} normed #{it}", got_n, want_n, False, world)
+        fused_us, out = _graph(lambda x=x, r=residual, w=weight: fused(x, r, w, 1e-5)[0])
+        errors += _mismatch(f"{tag} in graph", out, want_n, False, world)
+        apart_us, out = _graph(
+            lambda x=x, r=residual, w=weight: triton_add_norm(comm.all_reduce(x), r, w, 1e-5)[0])
+        errors += _mismatch(f"{tag} apart in graph", out, want_n, False, world)
+        lines.append(f"{rows:>9} {str(dtype)[6:]:>8} {fused_us:9.1f} {apart_us:9.1f}")
+    return lines, errors
 
 
 def run_check(world_size: int, timeout_s: float = 240.0) -> CheckResult:
