@@ -23,7 +23,7 @@ CATEGORIES = (
     ("all-reduce / gather", r"one_shot|two_shot|allreduce|all_reduce|AllReduce|AllGather|"
                             r"ReduceScatter|nccl|symm|multimem"),
     ("attention", r"paged|attn|attention|merge_states|_merge|flash|fmha"),
-    ("split-K reduce", r"splitKreduce|splitK|reduce_kernel"),
+    ("split-K reduce", r"splitKreduce"),   # cuBLAS's reduce after a split-K GEMM
     ("gemm", r"gemm|nvjet|cutlass|xmma|sm90|sm80|ampere|hopper|cublas|Kernel2"),
     ("rmsnorm", r"rms|norm"),
     ("rotary", r"rotary|rope"),
