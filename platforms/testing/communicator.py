@@ -41,17 +41,19 @@ def _check_all_reduce_add_rms_norm(comm, rank: int, world: int, device) -> None:
     from platforms.kernels import REFERENCE
 
     ref = REFERENCE["fused_add_rms_norm"]
-    def part(r: int, rows: int, hidden: int) -> torch.Tensor:  # known to every rank
-        g = torch.Generator().manual_seed(1000 * rows + r)
-        return torch.randn(rows, hidden, generator=g)
+
+    def part(r: int, rows: int, hidden: int) -> torch.Tensor:  # rank r's, known to all
+        return torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1000 * rows + r))
 
     for rows, hidden in ((3, 8), (2, 4096)):
         residual = torch.linspace(-1, 1, rows * hidden).reshape(rows, hidden)
         weight = torch.linspace(0.5, 1.5, hidden)
-        want_norm, want_sum = ref(sum(part(r, rows, hidden) for r in range(world)), residual, weight, 1e-6)
+        total = sum(part(r, rows, hidden) for r in range(world))
+        want_norm, want_sum = ref(total, residual, weight, 1e-6)
         for _ in range(2):
             got_norm, got_sum = comm.all_reduce_add_rms_norm(
-                part(rank, rows, hidden).to(device), residual.to(device), weight.to(device), 1e-6, ref)
+                part(rank, rows, hidden).to(device), residual.to(device), weight.to(device),
+                1e-6, ref)
             for name, got, want in (("normed", got_norm, want_norm), ("sum", got_sum, want_sum)):
                 got = got.detach().to("cpu", torch.float64)
                 if got.shape != want.shape or not torch.allclose(got, want.double(), atol=1e-4,

@@ -27,7 +27,7 @@ def group_of_one(max_bytes: int = 1 << 20) -> FusedAllReduceNorm:
     return FusedAllReduceNorm(buffer, handle, rank=0, world_size=1, max_bytes=max_bytes)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_one_rank_group_equals_add_then_norm_over_many_calls(dtype):
     fused = group_of_one()
     ref = REFERENCE["fused_add_rms_norm"]
