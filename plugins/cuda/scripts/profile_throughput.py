@@ -212,7 +212,7 @@ def window_summary(kind: str, window: dict[str, Any], num_params: int, head_para
     sampled = sum(s.num_sampled for s in steps)
     # Every token goes through the body's GEMMs; only sampled rows go through the head.
     gemm_flop = 2 * (num_params - head_params) * tokens + 2 * head_params * sampled
-    gemm_us = grouped["gemm"][1]
+    gemm_us = grouped["gemm"][1] + grouped["split-K reduce"][1]  # a split-K GEMM's two parts
     return {
         "kind": kind, "first_step": window["first"], "steps": len(steps), "tokens": tokens,
         "mean_reqs": statistics.fmean(s.num_reqs for s in steps) if steps else 0.0,

@@ -22,9 +22,13 @@ from torch.profiler import record_function
 
 # First match wins, so the engine's own Triton kernels come before the generic words.
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # first: the fused all-reduce + RMSNorm kernel's name also says "rms_norm"
+    ("all-reduce / gather", ("allreduce", "all_reduce", "allgather", "all_gather",
+                             "reducescatter", "nccl", "one_shot", "two_shot", "multimem")),
     ("attention", ("_paged_attention_kernel", "paged_attention")),
     ("merge", ("_merge_splits_kernel", "merge_splits")),
     ("kv write", ("_write_kv_kernel", "write_kv", "reshape_and_cache")),
+    ("split-K reduce", ("splitkreduce",)),  # cuBLAS's reduce after a split-K GEMM
     ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "sm90", "cublas", "splitk")),
     ("norm", ("rms_norm", "rmsnorm", "layer_norm", "rsqrt")),
     ("rotary", ("rotary", "rope")),

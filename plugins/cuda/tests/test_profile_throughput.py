@@ -29,6 +29,9 @@ def probes():
 
 @pytest.mark.parametrize("name, category", [
     ("_paged_attention_kernel", "attention"),
+    ("_allreduce_add_rms_norm_kernel", "all-reduce / gather"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "all-reduce / gather"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "split-K reduce"),
     ("_merge_splits_kernel", "merge"),
     ("_write_kv_kernel", "kv write"),
     ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_NNT", "gemm"),
@@ -75,7 +78,7 @@ def test_step_clock_times_every_step_of_a_cpu_engine(probes, tmp_path):
         from make_llama8b_config import write_model_dir
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    from engine.benchmarks.throughput import Workload, run_engine
+    from engine.benchmarks.throughput import Workload
     from engine.entrypoints.llm import LLM
 
     model = write_model_dir(str(tmp_path / "tiny"), num_hidden_layers=2, hidden_size=64,
@@ -89,13 +92,12 @@ def test_step_clock_times_every_step_of_a_cpu_engine(probes, tmp_path):
     before = [dict(vars(o)) for o in objects]
     prompts = [[5 + i] * (40 + 7 * i) for i in range(6)]  # 40..75 tokens: chunked at 64
     workload = Workload(prompts, [5] * len(prompts))
-    clock = probes.StepClock(llm, llm.core.platform)
-    clock.install()
+    sys.path.insert(0, str(SCRIPTS))
     try:
-        result = run_engine(llm, workload)
+        from profile_throughput import probed_run
     finally:
-        clock.uninstall()
-    clock.finish()
+        sys.path.remove(str(SCRIPTS))
+    result, clock = probed_run(llm, llm.core.platform, workload)
 
     assert clock.skipped == []
     # Each request computes its prompt and all outputs but the last (never fed back).
