@@ -38,6 +38,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def assert_all_exit(pids: list[int], within_s: float = 10.0) -> None:
+    """Every process in `pids` is gone within `within_s` (none left behind a dead engine)."""
+    deadline = time.monotonic() + within_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+
+
+def assert_killed_worker_fails_fast(client: SyncMPClient, pid: int, request_id: str,
+                                    match: str) -> None:
+    """Kill worker `pid`; the next request fails with EngineDeadError (matching `match`)
+    within 15 s instead of hanging."""
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    client.add_request(_request(request_id))
+    with pytest.raises(EngineDeadError, match=match):
+        _finish(client, request_id)
+    assert time.monotonic() - start < 15
+
+
 def _request(request_id: str) -> EngineCoreRequest:
     return EngineCoreRequest(request_id, [1, 2, 3, 4],
                              SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
@@ -65,15 +85,7 @@ def test_served_tp2_runs_and_a_killed_worker_kills_the_engine_loudly(tiny_llama_
         assert len(workers) == 2, workers
         client.add_request(_request("a"))
         assert len(_finish(client, "a")) == 4
-        os.kill(workers[1], signal.SIGKILL)
-        start = time.monotonic()
-        client.add_request(_request("b"))
-        with pytest.raises(EngineDeadError, match="worker rank"):
-            _finish(client, "b")
-        assert time.monotonic() - start < 15
+        assert_killed_worker_fails_fast(client, workers[1], "b", match="worker rank")
     finally:
         client.shutdown()
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in [core_pid, *workers]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in [core_pid, *workers])
+    assert_all_exit([core_pid, *workers])

@@ -209,8 +209,13 @@ def test_served_pp2_runs_and_a_killed_stage_kills_the_engine_loudly(tiny_llama_k
     """`engine serve -pp 2`'s path: the core in its own process with two stage workers as
     its children; requests finish, a killed stage reaches the client as EngineDeadError."""
     from engine.config import EngineArgs
-    from engine.engine_core.mp_client import EngineDeadError, SyncMPClient
-    from tests.distributed.test_mp_served import _alive, _children, _finish, _request
+    from engine.engine_core.mp_client import SyncMPClient
+    from tests.distributed.test_mp_served import (
+        _children,
+        _request,
+        assert_all_exit,
+        assert_killed_worker_fails_fast,
+    )
 
     args = EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=2, num_kv_blocks=16)
     client = SyncMPClient(args, log_level="warning")
@@ -230,15 +235,7 @@ def test_served_pp2_runs_and_a_killed_stage_kills_the_engine_loudly(tiny_llama_k
                 if out.finished:
                     finished.add(out.request_id)
         assert [len(t) for t in tokens.values()] == [4, 4, 4]
-        os.kill(workers[0], signal.SIGKILL)
-        start = time.monotonic()
-        client.add_request(_request("d"))
-        with pytest.raises(EngineDeadError, match="worker rank 0"):
-            _finish(client, "d")
-        assert time.monotonic() - start < 15
+        assert_killed_worker_fails_fast(client, workers[0], "d", match="worker rank 0")
     finally:
         client.shutdown()
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in [core_pid, *workers]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in [core_pid, *workers])
+    assert_all_exit([core_pid, *workers])

@@ -18,23 +18,12 @@ from typing import Optional
 import torch
 
 from engine_cuda.allreduce_norm import FusedAllReduceNorm
-from engine_cuda.symm_allreduce import SymmAllReduce
+from engine_cuda.symm_allreduce import SymmAllReduce, _agree
 from platforms.interface import TorchDistributedCommunicator
 
 logger = logging.getLogger(__name__)
 
 FUSED_ENV = "ENGINE_FUSED_ALLREDUCE_NORM"  # "0": all-reduce, then add + norm, apart
-
-
-def _agree_flag(flag: bool, group: torch.distributed.ProcessGroup) -> bool:
-    """True on every rank iff `flag` on any rank (so a variable set on one rank only still
-    gives every rank the same path)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
-                     device=torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
 
 
 class NcclCommunicator(TorchDistributedCommunicator):
@@ -56,9 +45,10 @@ class NcclCommunicator(TorchDistributedCommunicator):
             self.all_reduce_path = (f"symmetric-memory one-shot up to "
                                     f"{self.fast_all_reduce.max_bytes // 1024} KiB, NCCL above")
             # Every rank reached here (the one-shot setup agreed); the variable must agree
-            # too, since creation is collective: `create` is entered on all ranks or none.
-            fused_off = _agree_flag(os.environ.get(FUSED_ENV) == "0", group)
-            if not fused_off:
+            # too, since creation is collective: off on every rank if off on any.
+            fused_on = _agree(os.environ.get(FUSED_ENV) != "0", group,
+                              self.fast_all_reduce.device)
+            if fused_on:
                 self.fused_norm, why = FusedAllReduceNorm.create(
                     group, self.fast_all_reduce.device, self.fast_all_reduce.max_bytes)
                 self.all_reduce_path += ("; all-reduce + residual + RMSNorm fused"
