@@ -191,3 +191,20 @@ def test_write_kv_scatters_and_skips_negative_slots():
         if slot >= 0:
             expected[0, slot], expected[1, slot] = key[t], value[t]
     assert torch.equal(cache.view(2, 24, 3, 32), expected)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the JIT's compile cache exists only on a GPU")
+def test_split_counts_share_one_compiled_kernel():
+    """Every split count 2..MAX_SPLITS runs the same compiled attention and merge kernels:
+    as constexprs each count a step picked was a compile inside the run (issue 20)."""
+    from engine_cuda.ops import attention as attn
+
+    b = _batch([(600, 1), (40, 1)], 8, 2, 64, 16, torch.float32, seed=5)
+    _run(b, torch.float32, num_splits=2)
+    kernels = (attn._paged_attention_kernel, attn._merge_splits_kernel)
+    dev = torch.cuda.current_device()
+    before = [len(k.device_caches[dev][0]) for k in kernels]  # compiled variants
+    for num_splits in (3, 5, 7, 16, attn.MAX_SPLITS):
+        _assert_close(_run(b, torch.float32, num_splits=num_splits), b, torch.float32)
+    after = [len(k.device_caches[dev][0]) for k in kernels]
+    assert after == before, f"split counts compiled new variants: {before} -> {after}"

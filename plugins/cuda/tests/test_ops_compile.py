@@ -67,7 +67,7 @@ def _compile_all(bin_dir: str) -> None:
         cfg = (attn.prefill_config if prefill else attn.small_query_config)(4, head_size)
         constexprs = dict(GROUP=4, GROUP_PAD=4, HEAD_SIZE=head_size, BLOCK_Q=cfg.block_q,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          ONE_TILE_PER_REQ=not prefill, NUM_SPLITS=num_splits, IEEE=False)
+                          ONE_TILE_PER_REQ=not prefill, SPLIT=num_splits > 1, IEEE=False)
         small = attn.small_query_config(4, head_size)
         constexprs.update(SMALL_Q=small.block_q if prefill else 0, SMALL_M=small.block_m,
                           SMALL_N=small.block_n)
@@ -78,7 +78,7 @@ def _compile_all(bin_dir: str) -> None:
     _compile(attn._merge_splits_kernel,
              lambda n: {"out_ptr": "*bf16", "qsl_ptr": "*i32"}.get(
                  n, "*fp32" if n.startswith("part") else "i32"),
-             dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_SIZE=128))
+             dict(SPLITS_PAD=1 << (attn.MAX_SPLITS - 1).bit_length(), HEAD_SIZE=128))
     _compile(kv_cache._write_kv_kernel,
              lambda n: "*i64" if n == "slot_ptr" else "*bf16" if n.endswith("_ptr") else "i32",
              dict(BLOCK_H=8, BLOCK_D=128))

@@ -152,14 +152,14 @@ def _attend_keys(
 @triton.jit
 def _attend_tile(
     q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
-    req, tile, q_start, q_len, seq_len, kv_head, split,
+    req, tile, q_start, q_len, seq_len, kv_head, split, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
     block_size, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Query tokens tile*BLOCK_Q .. of request `req`, times the KV head's query heads."""
     context = seq_len - q_len
@@ -178,8 +178,8 @@ def _attend_tile(
     # position are visible to every row (no mask needed).
     kv_end = context + tl.minimum(q_len, (tile + 1) * BLOCK_Q)
     kv_all = tl.maximum(context + tile * BLOCK_Q, 0)
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT:
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
         n_lo = split * per_split
         n_hi = tl.minimum(kv_end, n_lo + per_split)
     else:
@@ -200,7 +200,7 @@ def _attend_tile(
                                  block_size, stride_c_block, stride_c_slot, qk_scale,
                                  HEAD_SIZE, BLOCK_N, True, IEEE)
 
-    if NUM_SPLITS > 1:
+    if SPLIT:
         pa = (part_acc_ptr + split * stride_pa_s + q_rows[:, None] * stride_pa_t
               + head[:, None] * stride_pa_h + offs_d[None, :])
         tl.store(pa, acc, mask=row_ok[:, None])
@@ -215,18 +215,23 @@ def _attend_tile(
 
 # Arguments that change from step to step are not specialised on (Triton would otherwise
 # compile a variant for each of "== 1", "divisible by 16" and neither, and the first steps
-# of a run would wait for those compiles: 4.5 s of an H100's first 1000-prompt run).
-@triton.jit(do_not_specialize=["num_reqs", "stride_bt", "stride_pa_s", "stride_pm_s"])
+# of a run would wait for those compiles: 4.5 s of an H100's first 1000-prompt run). The
+# split count is one of them: as a constexpr every count 2..MAX_SPLITS that a step's batch
+# size and context length picked was a compile of its own (an H200 serving 500 arriving
+# prompts spent ~6% of its engine-core samples compiling them inside the run); only whether
+# the launch splits at all (SPLIT) changes the code.
+@triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_bt", "stride_pa_s",
+                               "stride_pm_s"])
 def _paged_attention_kernel(
     q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
-    num_reqs, block_size, qk_scale,
+    num_reqs, num_splits, block_size, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ONE_TILE_PER_REQ: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    ONE_TILE_PER_REQ: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     SMALL_Q: tl.constexpr, SMALL_M: tl.constexpr, SMALL_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -257,34 +262,34 @@ def _paged_attention_kernel(
         # not pay for BLOCK_M rows of tensor-core work each; their only tile is tile 0.
         if q_len <= SMALL_Q:
             _attend_tile(q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
-                         req, 0, q_start, q_len, seq_len, kv_head, split,
+                         req, 0, q_start, q_len, seq_len, kv_head, split, num_splits,
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
                          stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
                          block_size, qk_scale, GROUP, GROUP_PAD, HEAD_SIZE,
-                         SMALL_Q, SMALL_M, SMALL_N, NUM_SPLITS, IEEE)
+                         SMALL_Q, SMALL_M, SMALL_N, SPLIT, IEEE)
             return
     _attend_tile(q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
-                 req, tile, q_start, q_len, seq_len, kv_head, split,
+                 req, tile, q_start, q_len, seq_len, kv_head, split, num_splits,
                  stride_qt, stride_qh, stride_ot, stride_oh,
                  stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
                  stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
                  block_size, qk_scale, GROUP, GROUP_PAD, HEAD_SIZE,
-                 BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS, IEEE)
+                 BLOCK_Q, BLOCK_M, BLOCK_N, SPLIT, IEEE)
 
 
-@triton.jit(do_not_specialize=["num_reqs", "stride_pa_s", "stride_pm_s"])
+@triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_pa_s", "stride_pm_s"])
 def _merge_splits_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, qsl_ptr, num_reqs,
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, qsl_ptr, num_reqs, num_splits,
     stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token >= tl.load(qsl_ptr + num_reqs):  # padding rows: left alone
         return
     s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < NUM_SPLITS
+    s_ok = s < num_splits
     pm = s * stride_pm_s + token.to(tl.int64) * stride_pm_t + head
     m = tl.load(part_m_ptr + pm, mask=s_ok, other=NEG_BIG)
     l_ = tl.load(part_l_ptr + pm, mask=s_ok, other=0.0)
@@ -336,13 +341,15 @@ def paged_attention(
         num_splits = 1
     elif num_splits is None:
         num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, num_sms)
+    if num_splits > MAX_SPLITS:
+        raise ValueError(f"paged_attention: num_splits {num_splits} > MAX_SPLITS {MAX_SPLITS}")
     if num_splits > 1:
         part_acc = torch.empty((num_splits, num_tokens, num_heads, head_size),
                                dtype=torch.float32, device=q.device)
         part_m = torch.empty((num_splits, num_tokens, num_heads), dtype=torch.float32,
                              device=q.device)
         part_l = torch.empty_like(part_m)
-    else:  # the kernel never touches them (NUM_SPLITS == 1): no allocation per call
+    else:  # the kernel never touches them (num_splits == 1): no allocation per call
         part_acc, part_m, part_l = out, out, out
     programs = num_reqs if one_tile else num_tokens // cfg.block_q + num_reqs
     grid = (programs, num_kv_heads, num_splits)
@@ -354,10 +361,10 @@ def paged_attention(
         block_table.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_m.stride(0), part_m.stride(1),
-        num_reqs, block_size, scale * 1.4426950408889634,  # log2(e): softmax via exp2
+        num_reqs, num_splits, block_size, scale * 1.4426950408889634,  # log2(e): exp2 softmax
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_SIZE=head_size,
         BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        ONE_TILE_PER_REQ=one_tile, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+        ONE_TILE_PER_REQ=one_tile, SPLIT=num_splits > 1, IEEE=q.dtype == torch.float32,
         # Short queries of a mixed launch take the small tile (off when it is not smaller).
         SMALL_Q=0 if one_tile or small.block_q > cfg.block_q else small.block_q,
         SMALL_M=small.block_m,
@@ -366,10 +373,11 @@ def paged_attention(
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part_acc, part_m, part_l, out, query_start_loc, num_reqs,
+            part_acc, part_m, part_l, out, query_start_loc, num_reqs, num_splits,
             part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
             part_m.stride(0), part_m.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            # One variant for every count (a padded split costs a masked load).
+            SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS),
             HEAD_SIZE=head_size, num_warps=4,
         )
     return out
