@@ -68,6 +68,10 @@ class StepInputs:
     start_positions_np: np.ndarray  # [num_reqs] host: first position computed this step
 
 
+# Every per-step array uploaded to the device starts at a multiple of this many bytes.
+_VIEW_ALIGN_BYTES = 16
+
+
 class InputBatch:
     """All requests the worker currently knows, keyed by id."""
 
@@ -182,10 +186,23 @@ class InputBatch:
         )
 
     def _upload(self, arrays: list[np.ndarray], dtype: type) -> list[torch.Tensor]:
-        """The arrays on the device, as views of one buffer sent in one copy."""
+        """The arrays on the device, as views of one buffer sent in one copy.
+
+        Each view starts on a 16-byte boundary (the buffer is padded between arrays): kernel
+        compilers specialise on pointer alignment (Triton does), so views whose alignment
+        followed the step's request count made the same kernel compile again mid-run for
+        each new alignment pattern."""
+        align = max(1, _VIEW_ALIGN_BYTES // np.dtype(dtype).itemsize)
         sizes = [a.size for a in arrays]
-        host = torch.from_numpy(np.concatenate(arrays).astype(dtype, copy=False))
+        padded = [-(-n // align) * align for n in sizes]
+        flat = np.zeros(sum(padded), dtype=dtype)
+        offset = 0
+        for array, size, room in zip(arrays, sizes, padded):
+            flat[offset : offset + size] = array.ravel()
+            offset += room
+        host = torch.from_numpy(flat)
         if self.pin_memory:
             staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
             host = staged.copy_(host)
-        return list(host.to(self.device, non_blocking=True).split(sizes))
+        views = host.to(self.device, non_blocking=True).split(padded)
+        return [view[:size] for view, size in zip(views, sizes)]
