@@ -159,6 +159,17 @@ class AsyncLLM:
         if core_ids and self.is_alive:
             self.client.abort_requests_nowait(core_ids)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests this process is waiting on (streams and non-streaming alike)."""
+        return len(self._queues)
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every request in flight with `error` (raised from its iterator, whose exit
+        aborts it in the core): the last step of a server's drain."""
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
     async def reset_prefix_cache(self) -> Any:
         return await self.client.call_utility_async("reset_prefix_cache")
 

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Optional
 
+logger = logging.getLogger(__name__)
+
 # After the engine core dies, keep answering 503 this long before exiting.
 _DEATH_GRACE_S = 2.0
 
@@ -35,8 +37,18 @@ def register(subparsers: Any) -> None:
     server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
     server.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000).")
     server.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY"),
-                        help="Require 'Authorization: Bearer KEY' on /v1/* (default: "
+                        help="Require 'Authorization: Bearer KEY' on every route that does "
+                        "work or changes state (/v1/*, /tokenize, /detokenize, "
+                        "/reset_prefix_cache); /health, /ready, /version, /metrics and the "
+                        "API docs (/docs, /redoc, /openapi.json) stay open (default: "
                         "$ENGINE_API_KEY, unset = no auth).")
+    server.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
+                        help="Larger request bodies get 413 before they are read "
+                        "(default: 4 MiB).")
+    server.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="On SIGTERM/SIGINT new requests get 503 and requests in flight "
+                        "get this many seconds to finish; the rest end with an error "
+                        "(streams: an error event and [DONE]) (default: 5).")
     server.add_argument("--served-model-name", nargs="+", default=None,
                         help="Model name(s) clients use; the first is reported in responses "
                         "(default: the MODEL argument).")
@@ -88,7 +100,8 @@ async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) 
     registry = CollectorRegistry()
     llm.observers.append(EngineMetrics(registry, names[0]))
     state = ServerState(engine=llm, model_names=names, model_path=args.model)
-    app = build_app(state, registry, api_key=args.api_key)
+    app = build_app(state, registry, api_key=args.api_key,
+                    max_request_body_bytes=args.max_request_body_bytes)
     server = _server_class()(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.log_level == "debug", timeout_graceful_shutdown=2,
@@ -104,6 +117,26 @@ async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) 
               flush=True)
         loop.call_later(_DEATH_GRACE_S, server.request_exit)
 
+    async def drain() -> None:
+        from engine.entrypoints.openai.errors import ServerDrainingError
+
+        state.draining = True
+        state.ready = False
+        deadline = loop.time() + args.shutdown_timeout
+        while llm.num_requests and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if llm.num_requests:
+            logger.warning("Shutdown: ending %d requests still running after "
+                           "--shutdown-timeout=%s s.", llm.num_requests, args.shutdown_timeout)
+            llm.fail_all(ServerDrainingError("The server is shutting down; the request was "
+                                             "stopped (--shutdown-timeout)."))
+            flush_deadline = loop.time() + 2.0
+            while llm.num_requests and loop.time() < flush_deadline:
+                await asyncio.sleep(0.02)
+        server.request_exit()
+
+    server.on_first_signal = lambda: loop.call_soon_threadsafe(
+        lambda: asyncio.ensure_future(drain()))
     llm.begin(on_death=on_core_death)
     try:
         started = asyncio.create_task(server.serve())
@@ -127,10 +160,17 @@ def _server_class() -> type:
         """uvicorn, but SIGINT/SIGTERM end it with exit code 0 instead of re-raising the
         signal after shutdown (which would kill the process before the core is stopped)."""
 
+        on_first_signal: Optional[Any] = None
+        _draining = False
+
         def handle_exit(self, sig: int, frame: Optional[Any]) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
+            if self._draining or self.on_first_signal is None:  # a second signal: now
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
+                return
+            self._draining = True  # drain first (see _serve), then exit
+            self.on_first_signal()
 
         def request_exit(self) -> None:
             self.should_exit = True

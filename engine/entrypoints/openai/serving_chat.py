@@ -16,7 +16,10 @@ from engine.entrypoints.openai.protocol import ChatCompletionRequest
 from engine.entrypoints.openai.serving_common import (
     ServerState,
     chat_logprobs,
+    check_prompt_chars,
+    message_chars,
     new_request_id,
+    off_loop,
     usage,
 )
 from engine.entrypoints.openai.streaming import SSE_DONE, last_output, sse
@@ -43,7 +46,8 @@ def prepare(state: ServerState, request: ChatCompletionRequest) -> ProcessedProm
 async def create_chat_completion(state: ServerState, request: ChatCompletionRequest) -> Any:
     """A response dict, or an async iterator of SSE lines when `stream` is set."""
     model = state.check_model(request.model)
-    prompt = prepare(state, request)
+    check_prompt_chars(state, message_chars(request.messages), "messages")
+    prompt = await off_loop(prepare, state, request)
     request_id = new_request_id("chatcmpl", request.request_id)
     iterator = state.engine.generate(prompt, None, request_id, request.priority)
     if request.stream:

@@ -6,10 +6,13 @@ a bad request gets its 400 as a normal response, never half-way through an SSE s
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from engine.engine_core.async_llm import AsyncLLM
 from engine.entrypoints.openai.errors import APIError
@@ -23,6 +26,8 @@ class ServerState:
     model_path: str
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = True
+    # Set on SIGTERM/SIGINT: new work gets 503 while requests in flight finish or time out.
+    draining: bool = False
 
     @property
     def default_model_name(self) -> str:
@@ -34,6 +39,47 @@ class ServerState:
             return name or self.default_model_name
         raise APIError(404, f"The model `{name}` does not exist; this server serves "
                             f"{self.model_names}.", param="model")
+
+
+# A token of a real tokenizer is rarely longer than a few characters; a prompt with more
+# than this many characters per max_model_len token cannot fit, so it is refused before
+# the tokenizer spends seconds (holding the GIL) on megabytes of text.
+MAX_CHARS_PER_TOKEN = 32
+
+# Tokenization and chat templating run here, off the event loop, so /health and streams
+# keep answering while a big prompt is tokenized.
+_TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenize")
+
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in the tokenizer thread pool; its exceptions propagate."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, fn, *args)
+
+
+def check_prompt_chars(state: ServerState, num_chars: int, param: str) -> None:
+    """400 before tokenizing when the text cannot fit in max_model_len tokens."""
+    max_model_len = state.engine.config.model.max_model_len
+    limit = max_model_len * MAX_CHARS_PER_TOKEN
+    if num_chars > limit:
+        raise APIError(400, f"'{param}' has {num_chars} characters; a prompt of more than "
+                            f"{limit} characters cannot fit in max_model_len={max_model_len} "
+                            "tokens (raise --max-model-len to serve longer prompts).",
+                       param=param)
+
+
+def message_chars(messages: list[Any]) -> int:
+    """Characters of the text in chat messages (strings or lists of text parts)."""
+    total = 0
+    for message in messages:
+        content = getattr(message, "content", None)
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
 
 
 def new_request_id(prefix: str, given: Optional[str]) -> str:

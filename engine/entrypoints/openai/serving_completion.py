@@ -15,8 +15,10 @@ from engine.engine_core.async_llm import ProcessedPrompt
 from engine.entrypoints.openai.protocol import CompletionRequest
 from engine.entrypoints.openai.serving_common import (
     ServerState,
+    check_prompt_chars,
     completion_logprobs,
     new_request_id,
+    off_loop,
     usage,
 )
 from engine.entrypoints.openai.streaming import SSE_DONE, last_output, merge_async_iterators, sse
@@ -35,7 +37,9 @@ def prepare(state: ServerState, request: CompletionRequest) -> list[ProcessedPro
 async def create_completion(state: ServerState, request: CompletionRequest) -> Any:
     """A response dict, or an async iterator of SSE lines when `stream` is set."""
     model = state.check_model(request.model)
-    prompts = prepare(state, request)
+    check_prompt_chars(state, sum(len(p) for p in request.prompts() if isinstance(p, str)),
+                       "prompt")
+    prompts = await off_loop(prepare, state, request)
     base_id = new_request_id("cmpl", request.request_id)
     ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
     iterators = [state.engine.generate(p, None, rid, request.priority)
