@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from engine.engine_core.messages import SchedulerStats
 from engine.outputs.request_output import RequestOutput
