@@ -32,7 +32,10 @@ def register(subparsers: Any) -> None:
         "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ready, "
         "/version, /metrics, /docs).",
     )
-    parser.add_argument("model", help="HF directory, GGUF file, or hub id of the model.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="HF directory, GGUF file, or hub id of the model.")
+    parser.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                        help="The same as the positional MODEL (vLLM's spelling).")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
     server.add_argument("--port", type=int, default=8000, help="Port to listen on (default: 8000).")
@@ -55,6 +58,11 @@ def register(subparsers: Any) -> None:
     server.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error", "critical"],
                         help="Log level of the server and the engine core (default: info).")
+    server.add_argument("--disable-log-stats", action="store_true",
+                        help="Do not log the one-line throughput / queue / KV-cache stats "
+                        "every --log-stats-interval seconds while requests run.")
+    server.add_argument("--log-stats-interval", type=float, default=10.0,
+                        help="Seconds between two stats lines (default: 10).")
     add_engine_args(parser)
     parser.set_defaults(func=run)
 
@@ -62,6 +70,20 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.entrypoints.args import engine_args_from_namespace
 
+    if args.model is not None and args.model_option is not None \
+            and args.model != args.model_option:
+        print(f"error: MODEL given twice ({args.model!r} and --model {args.model_option!r}); "
+              "pass one.", file=sys.stderr)
+        return 2
+    args.model = args.model or args.model_option
+    if args.model is None:
+        print("error: no model; pass MODEL or --model MODEL (an HF directory, a GGUF file or "
+              "a hub id).", file=sys.stderr)
+        return 2
+    if not args.log_stats_interval > 0:
+        print(f"error: --log-stats-interval must be > 0, got {args.log_stats_interval}.",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
@@ -73,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        print(f"error: the engine failed to start: {exc}", file=sys.stderr)
+    except Exception as exc:  # one clear line first; the traceback only at debug level
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: the engine failed to start: {first} (rerun with --log-level debug "
+              "for the traceback).", file=sys.stderr)
+        logging.getLogger(__name__).debug("startup failure", exc_info=True)
         return 1
     timings = dict(llm.startup_timings)
     timings["total to ready"] = time.perf_counter() - t0
@@ -99,6 +124,10 @@ async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) 
     names = args.served_model_name or [args.model]
     registry = CollectorRegistry()
     llm.observers.append(EngineMetrics(registry, names[0]))
+    if not args.disable_log_stats:
+        from engine.stats_logger import StatsLogger
+
+        llm.observers.append(StatsLogger(args.log_stats_interval))
     state = ServerState(engine=llm, model_names=names, model_path=args.model)
     app = build_app(state, registry, api_key=args.api_key,
                     max_request_body_bytes=args.max_request_body_bytes)
