@@ -116,6 +116,19 @@ class InputProcessor:
                     "pass token ids from the model's tokenizer."
                 )
 
+    def _check_param_token_ids(self, params: SamplingParams) -> None:
+        """Token ids inside the sampling params (the worker re-checks them as a backstop)."""
+        named = [("stop_token_ids", list(params.stop_token_ids or ())),
+                 ("logit_bias", list(params.logit_bias or ()))]
+        for name, ids in named:
+            for token_id in ids:
+                if not isinstance(token_id, int) or not 0 <= token_id < self._vocab_size:
+                    raise ValueError(
+                        f"{name} token id {token_id!r} is out of range: the vocabulary has "
+                        f"{self._vocab_size} tokens (ids 0..{self._vocab_size - 1}); pass token "
+                        "ids from the model's tokenizer."
+                    )
+
     def _check_params(self, num_prompt_tokens: int, params: SamplingParams) -> SamplingParams:
         limit = self._max_model_len
         if num_prompt_tokens >= limit:
@@ -131,6 +144,7 @@ class InputProcessor:
                 f"max_model_len {limit}; lower max_tokens to at most "
                 f"{limit - num_prompt_tokens} or raise --max-model-len."
             )
+        self._check_param_token_ids(params)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self._max_logprobs:
@@ -162,3 +176,37 @@ def _load_chat_template(chat_template: Optional[str]) -> Optional[str]:
             "'{' in it); pass an existing file path or the template text."
         )
     return chat_template
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def template_message(message: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """One OpenAI chat message as the chat template expects it: a known role and string
+    content (a list of content parts is joined from its text parts). Shared by `LLM.chat`
+    and the server, so both refuse the same messages."""
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ValueError(f"messages[{index}].role is {role!r}; it must be one of {CHAT_ROLES}.")
+    content = message.get("content")
+    if content is None:
+        # OpenAI allows an assistant message without content (it carries tool calls).
+        if role != "assistant":
+            raise ValueError(f"messages[{index}].content is missing; a {role} message needs "
+                             "content (a string or a list of content parts).")
+        content = ""
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"messages[{index}].content[{j}] has type {kind!r}; this text-only model "
+                    "takes content parts of type 'text' with a string 'text' field.")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif not isinstance(content, str):
+        raise ValueError(f"messages[{index}].content must be a string or a list of content "
+                         f"parts, got {type(content).__name__}.")
+    out = {k: v for k, v in message.items() if k not in ("role", "content")}
+    return {"role": role, "content": content, **out}

@@ -8,11 +8,15 @@ a msgspec Struct so it crosses the ZMQ boundary between API server and engine co
 from __future__ import annotations
 
 import enum
+import math
 from typing import Optional, Union
 
 import msgspec
 
 _SAMPLING_EPS = 1e-5
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's bound on logit_bias values
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -64,6 +68,18 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         self._validate()
 
     def _validate(self) -> None:
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
+        if self.temperature > 100.0:
+            raise ValueError(f"temperature must be at most 100, got {self.temperature}.")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not (math.isfinite(bias) and -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+                raise ValueError(
+                    f"logit_bias value {bias} for token {token_id} must be in "
+                    f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]."
+                )
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if self.temperature < 0.0:

@@ -58,6 +58,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(
             tokenizer, max_model_len=model.max_model_len, max_logprobs=config.max_logprobs,
             generation_defaults=model.generation_defaults, chat_template=model.chat_template,
+            vocab_size=max(model.vocab_size, len(tokenizer)),
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.eos_token_id = _eos_token_id(tokenizer_module, model, tokenizer)

@@ -19,7 +19,7 @@ from engine.config import EngineArgs
 from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.core import EngineCore
 from engine.engine_core.inproc import InprocClient
-from engine.inputs import InputProcessor
+from engine.inputs import InputProcessor, template_message
 from engine.outputs.output_processor import OutputProcessor
 from engine.outputs.request_output import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -57,6 +57,7 @@ class LLM:
             max_logprobs=self.config.max_logprobs,
             generation_defaults=model_config.generation_defaults,
             chat_template=model_config.chat_template,
+            vocab_size=max(model_config.vocab_size, len(self.tokenizer)),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = resolve_eos_token_id(model_config, self.tokenizer)
@@ -122,10 +123,11 @@ class LLM:
             processor = InputProcessor(
                 self.tokenizer, self.config.model.max_model_len, self.config.max_logprobs,
                 self.config.model.generation_defaults, chat_template,
+                vocab_size=max(self.config.model.vocab_size, len(self.tokenizer)),
             )
         prompts = [
             processor.apply_chat_template(
-                list(conv), add_generation_prompt=add_generation_prompt,
+                [template_message(m, j) for j, m in enumerate(conv)], add_generation_prompt=add_generation_prompt,
                 chat_template_kwargs=chat_template_kwargs,
                 continue_final_message=continue_final_message,
             )

@@ -15,6 +15,7 @@ from engine.engine_core.async_llm import ProcessedPrompt
 from engine.entrypoints.openai.protocol import ChatCompletionRequest
 from engine.entrypoints.openai.serving_common import (
     ServerState,
+    admission,
     chat_logprobs,
     check_prompt_chars,
     message_chars,
@@ -23,13 +24,20 @@ from engine.entrypoints.openai.serving_common import (
     usage,
 )
 from engine.entrypoints.openai.streaming import SSE_DONE, last_output, sse
+from engine.inputs import template_message
 from engine.outputs.request_output import CompletionOutput, RequestOutput
 
 
 def prepare(state: ServerState, request: ChatCompletionRequest) -> ProcessedPrompt:
+    with admission(request):
+        return _prepare(state, request)
+
+
+def _prepare(state: ServerState, request: ChatCompletionRequest) -> ProcessedPrompt:
     engine = state.engine
     text = engine.input_processor.apply_chat_template(
-        [m.as_template_dict() for m in request.messages],
+        [template_message(m.model_dump(exclude_none=True), i)
+         for i, m in enumerate(request.messages)],
         add_generation_prompt=request.add_generation_prompt,
         chat_template_kwargs=request.chat_template_kwargs,
         continue_final_message=request.continue_final_message,

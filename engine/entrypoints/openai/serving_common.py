@@ -7,15 +7,18 @@ a bad request gets its 400 as a normal response, never half-way through an SSE s
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from engine.engine_core.async_llm import AsyncLLM
 from engine.entrypoints.openai.errors import APIError
+from engine.entrypoints.openai.unsupported import refuse_unsupported
 from engine.outputs.request_output import PositionLogprobs
 
 
@@ -80,6 +83,29 @@ def message_chars(messages: list[Any]) -> int:
             total += sum(len(p.get("text", "")) for p in content
                          if isinstance(p, dict) and isinstance(p.get("text"), str))
     return total
+
+
+def request_fields(request: Any) -> dict[str, Any]:
+    """Every field the client sent, declared or extra (for the unsupported-field table)."""
+    fields = {name: getattr(request, name) for name in request.model_fields_set}
+    fields.update(request.model_extra or {})
+    return fields
+
+
+@contextmanager
+def admission(request: Any) -> Iterator[None]:
+    """Refuse unsupported fields, and turn the input checks' ValueErrors into 400s whose
+    `param` names the field the message starts with."""
+    refuse_unsupported(request_fields(request))
+    try:
+        yield
+    except ValueError as exc:
+        message = str(exc)
+        match = re.match(r"(?:Prompt token|The prompt)|([a-z_]+)", message)
+        param = match.group(1) if match and match.group(1) else None
+        if match and match.group(0) in ("Prompt token", "The prompt"):
+            param = "prompt" if hasattr(request, "prompt") else "messages"
+        raise APIError(400, message, param=param) from None
 
 
 def new_request_id(prefix: str, given: Optional[str]) -> str:

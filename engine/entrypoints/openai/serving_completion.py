@@ -15,6 +15,7 @@ from engine.engine_core.async_llm import ProcessedPrompt
 from engine.entrypoints.openai.protocol import CompletionRequest
 from engine.entrypoints.openai.serving_common import (
     ServerState,
+    admission,
     check_prompt_chars,
     completion_logprobs,
     new_request_id,
@@ -26,6 +27,11 @@ from engine.outputs.request_output import CompletionOutput, RequestOutput
 
 
 def prepare(state: ServerState, request: CompletionRequest) -> list[ProcessedPrompt]:
+    with admission(request):
+        return _prepare(state, request)
+
+
+def _prepare(state: ServerState, request: CompletionRequest) -> list[ProcessedPrompt]:
     engine = state.engine
     params = request.to_sampling_params(
         engine.input_processor.default_sampling_params(), request.max_tokens, request.logprobs,
