@@ -19,7 +19,7 @@ from engine.config import EngineArgs, EngineConfig
 from engine.engine_core.messages import SchedulerStats
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
-from engine.outputs.request_output import RequestOutput
+from engine.outputs.request_output import RequestFailedError, RequestOutput, failure_of
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ class AsyncLLM:
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come (DELTA or FINAL_ONLY per `params`).
 
-        Raises ValueError for invalid input before anything reaches the core, and
+        Raises ValueError for invalid input before anything reaches the core,
+        RequestFailedError if this request fails inside the engine (the others go on), and
         EngineDeadError if the core dies meanwhile. Leaving the iterator early aborts."""
         self._check_alive()
         if request_id in self._queues:
@@ -207,8 +208,13 @@ class AsyncLLM:
             for observer in self.observers:
                 observer.on_request_output(out, now)
             queue = self._queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            if queue is None:
+                continue
+            error = failure_of(out)
+            # A failed completion fails its request: the caller's iterator raises (and its
+            # exit aborts any sibling completions still running).
+            queue.put_nowait(out if error is None
+                             else RequestFailedError(out.request_id, error))
 
     def _fail_request(self, core_request_id: str, error: BaseException) -> None:
         # n > 1 children have ids derived from the parent's; fail whichever parent owns it.

@@ -18,6 +18,7 @@ class FinishReason(enum.IntEnum):
     STOP = 0  # EOS, a stop token id or a stop string
     LENGTH = 1  # max_tokens or max_model_len
     ABORT = 2  # aborted by the client
+    ERROR = 3  # this request failed inside the engine; the others went on (see `error`)
 
     def __str__(self) -> str:
         return self.name.lower()
@@ -52,6 +53,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_cached_tokens: int = 0
     # Wall-clock time the request was first scheduled (for queue-time metrics).
     first_scheduled_time: Optional[float] = None
+    # Why the request failed, with finish_reason ERROR: one line, no traceback (the core
+    # logs that under the request id).
+    error: Optional[str] = None
 
     @property
     def finished(self) -> bool:

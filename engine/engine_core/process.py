@@ -3,7 +3,10 @@
 Rule: the core never waits on the API server. It drains whatever requests have arrived,
 runs one `step()` while there is work, pushes the outputs (unbounded send queue, no
 acknowledgements) and only blocks on its input socket when it is idle. It exits on a
-SHUTDOWN message, when its parent process is gone, or after reporting an exception.
+SHUTDOWN message, when its parent process is gone, or after reporting an exception that
+escaped a step (a device or worker failure). What one request does wrong stays with that
+request: refused when added (REQUEST_ERROR), or finished with FinishReason.ERROR while it
+runs (the worker and the scheduler isolate it), and the core goes on.
 """
 
 from __future__ import annotations
@@ -95,8 +98,12 @@ class EngineCoreProc:
         if tag is RequestType.ADD:
             try:
                 self.core.add_request(payload)
-            except ValueError as exc:  # a request the core cannot hold; others go on
-                err = RequestError(request_id=payload.request_id, message=str(exc))
+            except Exception as exc:  # a request the core cannot hold; others go on
+                if not isinstance(exc, ValueError):
+                    logger.exception("Adding request %r failed", payload.request_id)
+                message = str(exc) if isinstance(exc, ValueError) else \
+                    f"{type(exc).__name__}: {exc}"
+                err = RequestError(request_id=payload.request_id, message=message)
                 self.output_socket.send_multipart(encode(OutputType.REQUEST_ERROR, err))
         elif tag is RequestType.ABORT:
             self.core.abort_requests(payload)

@@ -1,4 +1,4 @@
-"""The `engine` command: `serve`, `bench`, `plugins`, `generate`, `chat`.
+"""The `engine` command: `serve`, `bench`, `plugins`, `generate`, `chat`, `tokenizer`.
 
 Rule: this file only dispatches. Each subcommand lives in its own module with a
 `register(subparsers)` function, and imports its heavy dependencies only when run.
@@ -16,6 +16,7 @@ _SUBCOMMAND_MODULES = (
     "engine.entrypoints.generate_cmd",
     "engine.benchmarks.cli",
     "engine.entrypoints.plugins_cmd",
+    "engine.entrypoints.tokenizer_cmd",
 )
 
 

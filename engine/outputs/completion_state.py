@@ -53,6 +53,7 @@ class CompletionState:
         )
         self.finish_reason: Optional[str] = None
         self.stop_reason: Union[int, str, None] = None
+        self.error: Optional[str] = None
         # What earlier DELTA outputs already carried.
         self._num_sent_chars = 0
         self._num_sent_tokens = 0
@@ -66,6 +67,9 @@ class CompletionState:
         """Apply one engine-core output. True when a stop string ended the completion here
         (the engine core does not know yet and must be told to abort the request)."""
         if self.is_finished:
+            return False
+        if output.finish_reason == FinishReason.ERROR:
+            self.fail(output.error or "unknown error")
             return False
         if output.new_prompt_logprobs and self.prompt_logprobs is not None:
             self.prompt_logprobs.extend(output.new_prompt_logprobs, self._token_texts)
@@ -89,6 +93,13 @@ class CompletionState:
             self.finish_reason = str(output.finish_reason)
             self.stop_reason = output.stop_reason
         return False
+
+    def fail(self, message: str) -> None:
+        """End with finish_reason "error" (inside the engine, or here on the client)."""
+        if not self.is_finished:
+            self._has_new = True
+            self.finish_reason = str(FinishReason.ERROR)
+            self.error = message
 
     def abort(self) -> None:
         if not self.is_finished:
@@ -154,4 +165,5 @@ class CompletionState:
             logprobs=None if logprobs is None else list(logprobs),
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            error=self.error,
         )

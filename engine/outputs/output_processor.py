@@ -9,6 +9,7 @@ on the client side, so the core must be told to abort a request that a stop stri
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -19,6 +20,8 @@ from engine.outputs.detokenizer import special_token_ids
 from engine.outputs.logprobs import TokenTexts
 from engine.outputs.request_output import RequestMetrics, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _INT64_SPAN = 2**64
 _INT64_MIN = -(2**63)
@@ -147,7 +150,13 @@ class OutputProcessor:
             if entry is None:
                 continue  # aborted or stopped here earlier; the core had not heard yet
             parent, completion = entry
-            if completion.update(output) and not output.finished:
+            try:
+                stopped_here = completion.update(output)
+            except Exception as exc:  # detokenizing this request failed; the rest go on
+                logger.exception("Request %r failed on the client side", output.request_id)
+                completion.fail(f"{type(exc).__name__}: {exc}")
+                stopped_here = True
+            if stopped_here and not output.finished:
                 to_abort.append(output.request_id)
             self._update_metrics(parent, output, timestamp)
             if completion.is_finished:

@@ -32,9 +32,11 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None  # None unless `logprobs` was requested
     logprobs: Optional[list[PositionLogprobs]] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"; None while running
+    # "stop" | "length" | "abort" | "error"; None while running
+    finish_reason: Optional[str] = None
     # The stop string or stop token id that ended the completion; None for EOS or length.
     stop_reason: Union[int, str, None] = None
+    error: Optional[str] = None  # why, when finish_reason is "error"
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -78,3 +80,25 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     num_cached_tokens: int = 0
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (the others went on): raised to its caller.
+
+    `LLM.generate` raises it once every other request is done; `outputs` then holds every
+    request's output in order (the failed ones with finish_reason "error")."""
+
+    def __init__(self, request_id: str, message: str,
+                 outputs: Optional[list[RequestOutput]] = None) -> None:
+        super().__init__(f"Request {request_id!r} failed in the engine: {message}")
+        self.request_id = request_id
+        self.message = message
+        self.outputs = outputs
+
+
+def failure_of(output: RequestOutput) -> Optional[str]:
+    """The error of the first failed completion of `output`, or None."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            return completion.error or "unknown error"
+    return None

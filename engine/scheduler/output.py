@@ -61,3 +61,7 @@ class ModelRunnerOutput:
     # {req_id: LogprobsEntry for the prompt positions computed this step}; the first prompt
     # position has no logprob and is left out.
     prompt_logprobs: dict[str, list[LogprobsEntry]] = field(default_factory=dict)
+    # {req_id: why} for requests the worker cannot serve (a token id outside the model's
+    # vocabulary, say). They ran this step on harmless stand-in inputs; the scheduler
+    # finishes them with an error, the rest of the batch is untouched.
+    failed: dict[str, str] = field(default_factory=dict)

@@ -25,6 +25,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # handling this request raised; it alone ends, with `error`
 
     @property
     def is_finished(self) -> bool:
@@ -39,6 +40,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
     RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
 
 
@@ -70,6 +72,7 @@ class Request:
         self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[int] = None
+        self.error: Optional[str] = None  # set with FINISHED_ERROR
         # Prefix-cache hit length when first scheduled; None until then.
         self.num_cached_tokens: Optional[int] = None
         self.first_scheduled_time: Optional[float] = None  # wall clock, set when admitted

@@ -23,6 +23,7 @@ and requests with max_tokens reached by placeholders wait for their batch instea
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -30,7 +31,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from engine.engine_core.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    FinishReason,
+    SchedulerStats,
+)
 from engine.kv_cache.block import KVCacheBlock
 from engine.kv_cache.manager import KVCacheManager
 from engine.scheduler.output import (
@@ -43,6 +49,8 @@ from engine.scheduler.policy import create_waiting_queue
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.stop import check_stop
 from platforms.scheduling import StaticBatching
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -374,10 +382,15 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> EngineCoreOutputs:
-        """Append sampled tokens, run stop checks, free finished requests, report."""
+        """Append sampled tokens, run stop checks, free finished requests, report.
+
+        Fault isolation: a request the worker could not serve, or whose update raises here,
+        finishes with FinishReason.ERROR and its error; every other request goes on."""
         row_of = {req_id: i for i, req_id in enumerate(runner_output.req_ids)}
         starts = _start_positions(scheduler_output)
         outputs, self._pending_outputs = self._pending_outputs, []
+        for req_id, message in runner_output.failed.items():
+            self.fail_request(req_id, message)
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             self._in_flight[req_id] -= 1
             if not self._in_flight[req_id]:
@@ -385,34 +398,62 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
                 continue  # aborted or finished after schedule(): the worker forgets it
-            self._count_prompt_tokens(request, starts[req_id], num_scheduled)
-            row = row_of.get(req_id)
-            sampled = runner_output.sampled_token_ids[row] if row is not None else []
-            request.num_output_placeholders -= len(sampled)
-            new_token_ids = self._append_tokens(request, sampled)
-            new_logprobs = None
-            if runner_output.logprobs is not None and row is not None:
-                row_logprobs = runner_output.logprobs[row]
-                if row_logprobs is not None:
-                    new_logprobs = row_logprobs[: len(new_token_ids)]
-            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
-            if request.is_finished:
-                self.running.remove(request)
-                self._release(request)
-            if new_token_ids or prompt_logprobs or request.is_finished:
-                outputs.append(
-                    EngineCoreOutput(
-                        request_id=req_id,
-                        new_token_ids=new_token_ids,
-                        new_logprobs=new_logprobs,
-                        new_prompt_logprobs=prompt_logprobs,
-                        finish_reason=request.status.finish_reason,
-                        stop_reason=request.stop_reason,
-                        num_cached_tokens=request.num_cached_tokens or 0,
-                        first_scheduled_time=request.first_scheduled_time,
-                    )
-                )
+            try:
+                output = self._update_request(request, starts[req_id], num_scheduled,
+                                              runner_output, row_of.get(req_id))
+            except Exception as exc:  # this request's bug; the batch goes on
+                logger.exception("Request %r failed in the scheduler update", req_id)
+                self.fail_request(req_id, f"{type(exc).__name__}: {exc}")
+                continue
+            if output is not None:
+                outputs.append(output)
+        outputs.extend(self._pending_outputs)  # requests failed in this update
+        self._pending_outputs = []
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _update_request(self, request: Request, start: int, num_scheduled: int,
+                        runner_output: ModelRunnerOutput,
+                        row: Optional[int]) -> Optional[EngineCoreOutput]:
+        req_id = request.request_id
+        self._count_prompt_tokens(request, start, num_scheduled)
+        sampled = runner_output.sampled_token_ids[row] if row is not None else []
+        request.num_output_placeholders -= len(sampled)
+        new_token_ids = self._append_tokens(request, sampled)
+        new_logprobs = None
+        if runner_output.logprobs is not None and row is not None:
+            row_logprobs = runner_output.logprobs[row]
+            if row_logprobs is not None:
+                new_logprobs = row_logprobs[: len(new_token_ids)]
+        prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+        if request.is_finished:
+            self.running.remove(request)
+            self._release(request)
+        if not (new_token_ids or prompt_logprobs or request.is_finished):
+            return None
+        return EngineCoreOutput(
+            request_id=req_id,
+            new_token_ids=new_token_ids,
+            new_logprobs=new_logprobs,
+            new_prompt_logprobs=prompt_logprobs,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            first_scheduled_time=request.first_scheduled_time,
+        )
+
+    def fail_request(self, req_id: str, message: str) -> None:
+        """End one request with FinishReason.ERROR and `message` (one line, for its client):
+        its blocks are freed and the worker forgets it; nothing else changes."""
+        request = self.requests.get(req_id)
+        if request is None or request.is_finished:
+            return
+        logger.error("Request %r failed: %s", req_id, message)
+        self.finish_requests(req_id, RequestStatus.FINISHED_ERROR)
+        request.error = message
+        self._pending_outputs.append(EngineCoreOutput(
+            req_id, [], finish_reason=FinishReason.ERROR, error=message,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            first_scheduled_time=request.first_scheduled_time))
 
     def _count_prompt_tokens(self, request: Request, start: int, num_scheduled: int) -> None:
         end = min(start + num_scheduled, request.num_prompt_tokens)

@@ -16,6 +16,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import SchedulerOutput
+from engine.worker.sampling_metadata import check_vocab_range
 from platforms.interface import CommonAttentionMetadata
 
 
@@ -49,6 +50,19 @@ class CachedRequestState:
         self.output_token_ids.append(token_id)
 
 
+def _stand_in(state: CachedRequestState) -> CachedRequestState:
+    """The same request with inputs that are safe to run: token 0 everywhere, greedy."""
+    return CachedRequestState(
+        req_id=state.req_id,
+        prompt_token_ids=[0] * len(state.prompt_token_ids),
+        output_token_ids=[0] * len(state.output_token_ids),
+        sampling_params=SamplingParams(temperature=0.0),
+        eos_token_id=None,
+        block_ids=state.block_ids,
+        num_computed_tokens=state.num_computed_tokens,
+    )
+
+
 @dataclass(frozen=True)
 class StepInputs:
     """Flat inputs of one step, already on the device."""
@@ -75,20 +89,29 @@ _VIEW_ALIGN_BYTES = 16
 class InputBatch:
     """All requests the worker currently knows, keyed by id."""
 
-    def __init__(self, block_size: int, device: torch.device, pin_memory: bool = False) -> None:
+    def __init__(self, block_size: int, device: torch.device, pin_memory: bool = False,
+                 vocab_size: Optional[int] = None) -> None:
         self.block_size = block_size
+        # Token ids outside [0, vocab_size) would index past the embedding or the logits.
+        self.vocab_size = vocab_size
         self.device = device
         # Staging in page-locked host memory lets the step's inputs go up in two asynchronous
         # copies instead of seven blocking ones (the platform says whether it has such memory).
         self.pin_memory = pin_memory
         self.requests: dict[str, CachedRequestState] = {}
 
-    def update(self, out: SchedulerOutput) -> None:
-        """Apply the scheduler's deltas: forget finished/preempted, add new, extend blocks."""
+    def update(self, out: SchedulerOutput) -> dict[str, str]:
+        """Apply the scheduler's deltas: forget finished/preempted, add new, extend blocks.
+
+        Returns {req_id: why} for new requests this worker cannot serve. They stay in the
+        batch this step with stand-in inputs (token 0, greedy), so the step's shapes match
+        what the scheduler decided and nothing indexes out of bounds; the scheduler then
+        finishes them with an error."""
         for req_id in out.finished_req_ids | out.preempted_req_ids:
             self.requests.pop(req_id, None)
+        failed: dict[str, str] = {}
         for new in out.scheduled_new_reqs:
-            self.requests[new.req_id] = CachedRequestState(
+            state = CachedRequestState(
                 req_id=new.req_id,
                 prompt_token_ids=list(new.prompt_token_ids),
                 output_token_ids=list(new.output_token_ids),
@@ -97,10 +120,32 @@ class InputBatch:
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
             )
+            problem = self._problem(state)
+            if problem is not None:
+                failed[new.req_id] = problem
+                state = _stand_in(state)
+            self.requests[new.req_id] = state
         for cached in out.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+        return failed
+
+    def _problem(self, state: CachedRequestState) -> Optional[str]:
+        """Why this worker cannot run `state`, or None (the API checks the same at
+        admission; this guards every other way in)."""
+        if self.vocab_size is None:
+            return None
+        tokens = state.token_ids_np[: state.num_tokens]
+        bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)]
+        if bad.size:
+            return (f"token id {int(bad[0])} is outside the vocabulary [0, "
+                    f"{self.vocab_size}).")
+        try:
+            check_vocab_range(state.sampling_params, self.vocab_size)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def prepare(self, out: SchedulerOutput,
                 last_sample_row: Optional[dict[str, int]] = None) -> StepInputs:

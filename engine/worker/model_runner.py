@@ -57,7 +57,8 @@ class ModelRunner:
         )
         self.attn_backend = platform.attention_backend(self.attn_spec)
         self.input_batch = InputBatch(config.cache.block_size, self.device,
-                                      pin_memory=platform.supports_pinned_memory)
+                                      pin_memory=platform.supports_pinned_memory,
+                                      vocab_size=model_config.vocab_size)
         self.sampler = Sampler()
         self.model: Optional[torch.nn.Module] = None
         self.num_blocks = 0
@@ -163,9 +164,10 @@ class ModelRunner:
             return self._dispatch(out)
 
     def _dispatch(self, out: SchedulerOutput) -> StepHandle:
-        self.input_batch.update(out)
+        failed = self.input_batch.update(out)
         if out.total_num_scheduled_tokens == 0:
-            return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
+            return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
+                                                     failed=failed))
         inputs = self.input_batch.prepare(out, self._last_sample_row)
         if inputs.pending_dst is not None:
             assert self._last_sampled is not None and inputs.pending_src is not None
@@ -183,7 +185,8 @@ class ModelRunner:
         self._last_sampled = sampled
         self._last_sample_row = {r: row for row, r in enumerate(sample_req_ids)}
         return StepHandle(self, inputs.req_ids, inputs.sample_req_idx, sample_req_ids,
-                          *self._to_host(sampled, logprobs, prompt_logprobs), num_logprobs)
+                          *self._to_host(sampled, logprobs, prompt_logprobs), num_logprobs,
+                          failed)
 
     def _to_host(self, sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
                  prompt_logprobs: dict[str, LogprobsTensors]) -> tuple[Any, ...]:
@@ -313,8 +316,10 @@ class StepHandle:
                  sample_req_idx: list[int], sample_req_ids: list[str],
                  sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
                  prompt_logprobs: dict[str, LogprobsTensors], event: Any,
-                 num_logprobs: list[Optional[int]]) -> None:
+                 num_logprobs: list[Optional[int]],
+                 failed: Optional[dict[str, str]] = None) -> None:
         self._runner = runner
+        self._failed = failed or {}
         self._req_ids, self._sample_req_idx = req_ids, sample_req_idx
         self._sample_req_ids, self._sampled = sample_req_ids, sampled
         self._logprobs, self._prompt_logprobs = logprobs, prompt_logprobs
@@ -350,6 +355,7 @@ class StepHandle:
                 logprobs[i] = rows[row]
         self._output = ModelRunnerOutput(
             req_ids=self._req_ids, sampled_token_ids=sampled, logprobs=logprobs,
-            prompt_logprobs={r: t.entries() for r, t in self._prompt_logprobs.items()})
+            prompt_logprobs={r: t.entries() for r, t in self._prompt_logprobs.items()},
+            failed=self._failed)
         self._runner = None
         return self._output

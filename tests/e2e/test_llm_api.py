@@ -157,3 +157,20 @@ def test_metrics_timestamps_are_wall_clock_and_ordered(llm):
     m = out.metrics
     assert t0 <= m.arrival_time <= m.first_scheduled_time <= m.first_token_time
     assert m.first_token_time <= m.finished_time <= time.time()
+
+
+def test_a_request_that_fails_in_the_engine_raises_after_the_others_finish(llm, monkeypatch):
+    from engine.outputs.request_output import RequestFailedError
+
+    # Take admission's vocabulary check away, so the bad ids reach the worker.
+    monkeypatch.setattr(llm.input_processor, "process", lambda prompt, sp: (None, prompt, sp))
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompts = [[1, 504, 3458], [1, 504, 10**6], [1, 282, 4649]]
+    with pytest.raises(RequestFailedError, match="outside the vocabulary") as info:
+        llm.generate(prompts, params, use_tqdm=False)
+    outputs = info.value.outputs
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length", "error", "length"]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 0, 5]
+    monkeypatch.undo()
+    again = llm.generate([prompts[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == outputs[0].outputs[0].token_ids

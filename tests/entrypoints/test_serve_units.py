@@ -106,3 +106,28 @@ def test_metrics_from_stats_and_outputs():
     assert _value(registry, "engine:request_queue_time_seconds_sum") == pytest.approx(0.25)
     assert _value(registry, "engine:request_success_total", finished_reason="length") == 1
     assert b"engine:kv_cache_usage_perc" in generate_latest(registry)
+
+
+def test_a_request_failed_in_the_engine_is_a_500_in_the_openai_shape_and_a_last_sse_event():
+    import asyncio
+    import json
+
+    from engine.entrypoints.openai.api_server import _guard_stream, _stream_error
+    from engine.outputs.request_output import RequestFailedError
+
+    exc = RequestFailedError("cmpl-1", "ValueError: token id 7 is outside the vocabulary")
+    body = _stream_error(exc)
+    assert body["error"]["code"] == 500 and body["error"]["type"] == "InternalServerError"
+    assert "outside the vocabulary" in body["error"]["message"]
+    assert "'cmpl-1'" in body["error"]["message"]
+
+    async def lines():
+        yield "data: {}\n\n"
+        raise exc
+
+    async def collect():
+        return [line async for line in _guard_stream(lines())]
+
+    out = asyncio.run(collect())
+    assert out[-1].strip() == "data: [DONE]"
+    assert json.loads(out[-2].removeprefix("data: "))["error"]["code"] == 500

@@ -293,3 +293,30 @@ def test_delta_stream_of_emojis_never_splits_a_character(tokenizer):
     assert len(deltas) == len(ids)  # one output per token, some with empty text
     assert "" in deltas and all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text
+
+
+def test_an_engine_error_finishes_the_completion_with_its_message(tokenizer, words):
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("req", "x", [5], SamplingParams(max_tokens=4), arrival_time=0.0)
+    processor.process_outputs(batch(out("req", [words["Hi"]])))
+    outs, to_abort = processor.process_outputs(
+        batch(out("req", [], finish_reason=FinishReason.ERROR, error="ValueError: boom")))
+    assert to_abort == [] and outs[0].finished
+    completion = outs[0].outputs[0]
+    assert completion.finish_reason == "error" and completion.error == "ValueError: boom"
+    assert completion.text == "Hi"
+    assert_empty(processor)
+
+
+def test_a_client_side_failure_fails_that_request_and_aborts_it_in_the_core(tokenizer, words):
+    processor = OutputProcessor(tokenizer)
+    processor.add_request("ok", "x", [5], SamplingParams(max_tokens=4), arrival_time=0.0)
+    processor.add_request("boom", "x", [5], SamplingParams(max_tokens=4), arrival_time=0.0)
+    # An id the tokenizer cannot decode (a model whose vocabulary is larger than it).
+    outs, to_abort = processor.process_outputs(
+        batch(out("ok", [words["Hi"]]), out("boom", [10**12])))
+    assert to_abort == ["boom"]
+    by_id = {o.request_id: o for o in outs}
+    assert not by_id["ok"].finished and by_id["ok"].outputs[0].text == "Hi"
+    failed = by_id["boom"].outputs[0]
+    assert by_id["boom"].finished and failed.finish_reason == "error" and failed.error

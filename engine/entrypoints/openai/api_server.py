@@ -43,6 +43,7 @@ from engine.entrypoints.openai.serving_common import (
     message_chars,
     off_loop,
 )
+from engine.outputs.request_output import RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, exc: RequestFailedError) -> JSONResponse:
+        return _error(500, _failed_message(exc))
+
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return _error(503, first_line(str(exc)))
@@ -129,7 +134,16 @@ def _install_error_handlers(app: FastAPI) -> None:
                            "details under that id.")
 
 
+def _failed_message(exc: RequestFailedError) -> str:
+    """The engine's one-line reason (never a traceback: the core logged that)."""
+    return (f"The request failed inside the engine: {first_line(exc.message)} Other "
+            "requests were not affected; the server log has the details under request "
+            f"id {exc.request_id!r}.")
+
+
 def _stream_error(exc: BaseException) -> Optional[dict[str, Any]]:
+    if isinstance(exc, RequestFailedError):
+        return error_body(500, _failed_message(exc))
     if isinstance(exc, EngineDeadError):
         return error_body(503, first_line(str(exc)))
     if isinstance(exc, ServerDrainingError):
