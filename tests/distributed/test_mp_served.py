@@ -38,7 +38,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def assert_all_exit(pids: list[int], within_s: float = 10.0) -> None:
+def assert_all_exit(pids: list[int], within_s: float = 45.0) -> None:
     """Every process in `pids` is gone within `within_s` (none left behind a dead engine)."""
     deadline = time.monotonic() + within_s
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
@@ -49,13 +49,13 @@ def assert_all_exit(pids: list[int], within_s: float = 10.0) -> None:
 def assert_killed_worker_fails_fast(client: SyncMPClient, pid: int, request_id: str,
                                     match: str) -> None:
     """Kill worker `pid`; the next request fails with EngineDeadError (matching `match`)
-    within 15 s instead of hanging."""
+    within 45 s (seconds when idle; generous for a loaded machine) instead of hanging."""
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     client.add_request(_request(request_id))
     with pytest.raises(EngineDeadError, match=match):
         _finish(client, request_id)
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 45
 
 
 def _request(request_id: str) -> EngineCoreRequest:

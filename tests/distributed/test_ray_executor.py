@@ -65,19 +65,19 @@ def test_killed_actor_fails_the_engine_in_seconds_and_shutdown_cleans_up(ray_clu
         start = time.monotonic()
         with pytest.raises(WorkerDiedError, match=f"worker rank 1 .*pid {pids[1]}.* died"):
             llm.generate([[4, 5, 6]], params, use_tqdm=False)
-        assert time.monotonic() - start < 15
+        assert time.monotonic() - start < 45  # generous for a loaded machine
         with pytest.raises(WorkerDiedError, match="failed earlier"):  # stays failed
             llm.core.executor.execute_model(None)
     finally:
         llm.core.shutdown()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 45
     while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_pid_alive(p) for p in pids)
     state = ray.util.placement_group_table()[pg_id]["state"]
     assert state == "REMOVED"
     # Every CPU is free again for the next engine.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 45
     while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS
@@ -90,7 +90,7 @@ def test_cluster_too_small_fails_with_what_it_lacked(ray_cluster, tiny_llama_kv1
     with pytest.raises(RuntimeError, match=r"did not grant 4 bundles of \{'CPU': 1.0\}"):
         LLM(tiny_llama_kv1, tensor_parallel_size=4, distributed_executor_backend="ray",
             num_kv_blocks=32, max_model_len=128, load_format="dummy")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 45
     while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS  # nothing left reserved
@@ -132,7 +132,7 @@ def test_served_core_process_joins_the_cluster_at_ray_address(ray_cluster, tiny_
         assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS - 2
     finally:
         client.shutdown()
-    deadline = time.monotonic() + 10  # the core's shutdown gave its bundles back
+    deadline = time.monotonic() + 45  # the core's shutdown gave its bundles back
     while ray.available_resources().get("CPU", 0) < _CLUSTER_CPUS and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == _CLUSTER_CPUS

@@ -50,14 +50,18 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(*extra_args: str, timeout_s: float = 180.0) -> ServerProcess:
-    """`engine serve` on 127.0.0.1 and a free port; returns once /health answers 200."""
+def start_server(*extra_args: str, timeout_s: float = 180.0,
+                 tmpdir: Optional[str] = None) -> ServerProcess:
+    """`engine serve` on 127.0.0.1 and a free port; returns once /health answers 200.
+    `tmpdir`: the server's TMPDIR (where its IPC sockets live), to check it cleans up."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="engine-serve-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "engine.entrypoints.cli", "serve", smollm2_path(),
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("ENGINE_API_KEY", None)
+    if tmpdir is not None:
+        env["TMPDIR"] = tmpdir
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                env=env)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log.name)

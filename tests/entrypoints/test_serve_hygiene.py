@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -16,9 +17,11 @@ JSON = {**AUTH, "content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    tmpdir = str(tmp_path_factory.mktemp("server-tmp"))
     srv = start_server("--api-key", KEY, "--max-model-len", "512", "--log-level", "warning",
-                       "--kv-cache-memory", "256m", "--shutdown-timeout", "2")
+                       "--kv-cache-memory", "256m", "--shutdown-timeout", "2", tmpdir=tmpdir)
+    srv.tmpdir = tmpdir
     yield srv
     srv.stop()
 
@@ -145,3 +148,5 @@ def test_sigterm_drains_streams_with_an_error_event_and_done(server):
         assert last_two[-1] == "data: [DONE]"
         assert '"code":503' in last_two[0] and "shutting down" in last_two[0]
     assert not pid_alive(core_pid)
+    # Its IPC sockets lived in the server's TMPDIR; nothing is left behind.
+    assert not [n for n in os.listdir(server.tmpdir) if n.startswith("engine-ipc-")]

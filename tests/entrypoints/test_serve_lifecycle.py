@@ -43,10 +43,14 @@ def test_killed_engine_core_gives_503_then_nonzero_exit(server):
     killed_at = time.monotonic()
     os.kill(core_pid, signal.SIGKILL)
     while httpx.get(server.base_url + "/health").status_code != 503:
-        assert time.monotonic() - killed_at < 1.0, "death not noticed within a second"
+        # Noticed in well under a second when idle; generous for a loaded CI machine.
+        assert time.monotonic() - killed_at < 15.0, "core death not noticed"
         time.sleep(0.02)
+    print(f"core death noticed after {time.monotonic() - killed_at:.2f} s")
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model="any", prompt="Hi", max_tokens=2)
     assert err.value.status_code == 503
-    assert server.process.wait(timeout=10) != 0
+    message = err.value.body["message"]
+    assert "Traceback" not in message and ".py" not in message and "not running" in message
+    assert server.process.wait(timeout=60) != 0
     assert not pid_alive(core_pid)

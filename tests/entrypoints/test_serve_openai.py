@@ -241,7 +241,7 @@ def test_aborting_100_streams_frees_the_kv_cache(server, aclient_factory):
         return started
 
     assert len(asyncio.run(main())) == 100
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while True:
         metrics = httpx.get(server.base_url + "/metrics").text
         usage = _metric(metrics, "engine:kv_cache_usage_perc")
@@ -257,7 +257,7 @@ def test_sigterm_shuts_down_cleanly_without_orphans(server):
     core_pid = httpx.get(server.base_url + "/ready").json()["engine_core_pid"]
     assert pid_alive(core_pid)
     assert server.stop() == 0, server.log()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 45
     while pid_alive(core_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pid_alive(core_pid)
