@@ -24,3 +24,25 @@ def test_chat_answers_one_message(smollm2):
     out = _engine("chat", smollm2, "--message", "What is the capital of France?",
                   "--max-tokens", "16", "--kv-cache-memory", "256m")
     assert "Paris" in out
+
+
+def test_tokenizer_export_writes_the_servers_tokenizer(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from engine.config import EngineArgs
+    from engine.tokenizer import load_tokenizer
+
+    target = tmp_path / "tok"
+    out = _engine("tokenizer", "export", smollm2, str(target))
+    assert "tokenizer.json" in out and (target / "tokenizer.json").is_file()
+    exported = AutoTokenizer.from_pretrained(str(target))
+    served = load_tokenizer(EngineArgs(model=smollm2).create_config().model)
+    text = "The capital of France is Paris. <|im_start|>user\nhi"
+    assert exported.encode(text) == served.encode(text) and len(exported) == len(served)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert exported.apply_chat_template(chat, tokenize=False) == \
+        served.apply_chat_template(chat, tokenize=False)
+    again = subprocess.run([sys.executable, "-m", "engine.entrypoints.cli", "tokenizer",
+                            "export", smollm2, str(target)], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 1 and "not empty" in again.stdout
