@@ -1,4 +1,5 @@
-"""Sessions: `tests` (default suite), `slow` (long tests), `lint`, `demo`, `wheels` (every
+"""Sessions: `tests` (default suite), `slow` (long tests), `lint`, `schemathesis` (the OpenAPI
+document against a live server; CI runs it too), `demo`, `wheels` (every
 distribution of the repo as a wheel in dist/wheels/), `gpu` (the CUDA plugin's tests; GPU
 tests run where a GPU is, the rest on CPU), `tpu` (engine-tpu on XLA's CPU device with torch_xla
 and its own pinned torch).
@@ -37,6 +38,14 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "engine", "platforms", "plugins", "tests", "scripts")
+
+
+@nox.session
+def schemathesis(session: nox.Session) -> None:
+    """Every operation of a live `engine serve` against its /openapi.json: 0 server errors,
+    0 schema mismatches. Posargs: MAX_EXAMPLES MAX_TIME_S (default 10 300)."""
+    _install(session)
+    session.run("bash", "scripts/schemathesis.sh", "python", *session.posargs, external=True)
 
 
 @nox.session

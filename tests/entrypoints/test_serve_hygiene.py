@@ -119,6 +119,32 @@ def test_disconnected_non_streaming_clients_abort_their_requests(server):
     assert gauges == (0.0, 0.0)
 
 
+def test_the_openapi_document_describes_what_the_server_answers(server):
+    doc = httpx.get(server.base_url + "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ErrorResponse" in schemas
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            responses = op["responses"]
+            assert "422" not in responses, (method, path)
+            ok = responses["200"]["content"]
+            assert ok and all(c.get("schema") for c in ok.values()), (method, path)
+            for status, response in responses.items():
+                if status != "200":
+                    assert response["content"]["application/json"]["schema"] == error_ref
+            guarded = path not in ("/health", "/ready", "/version", "/metrics")
+            assert ("401" in responses) == guarded == ("security" in op), (method, path)
+    assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    completions = doc["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"400", "404", "413", "500", "503"} <= set(completions)
+    assert set(completions["200"]["content"]) == {"application/json", "text/event-stream"}
+    health = httpx.get(server.base_url + "/health")
+    assert health.json() == {"status": "ok"}
+    assert httpx.get(server.base_url + "/metrics").headers["content-type"].startswith(
+        "text/plain")
+
+
 def test_sigterm_drains_streams_with_an_error_event_and_done(server):
     b = server.base_url
     core_pid = httpx.get(b + "/ready").json()["engine_core_pid"]
@@ -150,3 +176,4 @@ def test_sigterm_drains_streams_with_an_error_event_and_done(server):
     assert not pid_alive(core_pid)
     # Its IPC sockets lived in the server's TMPDIR; nothing is left behind.
     assert not [n for n in os.listdir(server.tmpdir) if n.startswith("engine-ipc-")]
+

@@ -17,12 +17,14 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
 from engine.engine_core.mp_client import EngineDeadError
+from engine.entrypoints.openai import responses as r
 from engine.entrypoints.openai import serving_chat, serving_completion
 from engine.entrypoints.openai.errors import (
     APIError,
@@ -39,10 +41,12 @@ from engine.entrypoints.openai.protocol import (
 )
 from engine.entrypoints.openai.serving_common import (
     ServerState,
+    admission,
     check_prompt_chars,
     message_chars,
     off_loop,
 )
+from engine.inputs import template_message
 from engine.outputs.request_output import RequestFailedError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ logger = logging.getLogger(__name__)
 OPEN_ROUTES = frozenset({"/health", "/ready", "/version", "/metrics",
                          "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 # Routes that still answer while the server drains (the rest get 503).
+# What a route that does work can answer besides 200.
+_WORK_ERRORS = (400, 401, 404, 413, 500, 503)
 _DRAIN_OPEN_ROUTES = frozenset({"/health", "/ready", "/version", "/metrics"})
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
 
@@ -274,34 +280,40 @@ def build_app(state: ServerState, registry: CollectorRegistry,
         if not state.engine.is_alive:
             raise EngineDeadError(_dead_message(state.engine.dead_reason))
 
-    @app.get("/health")
+    @app.get("/health", response_model=None,
+             responses=r.documented(r.HealthResponse, (500, 503)))
     async def health() -> Response:
+        """200 while the engine core runs (no API key needed)."""
         if not state.engine.is_alive:
             return _error(503, _dead_message(state.engine.dead_reason))
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=None, responses=r.documented(r.ReadyResponse, (500, 503)))
     async def ready() -> Any:
+        """200 once the server takes requests; 503 while starting or draining."""
         alive()
         if not state.ready:
             return _error(503, "The server is starting or stopping.")
         return {"ready": True, "startup_timings": state.engine.startup_timings,
                 "engine_core_pid": state.engine.client.pid}
 
-    @app.get("/version")
+    @app.get("/version", response_model=None, responses=r.documented(r.VersionResponse, (500,)))
     async def version() -> dict[str, str]:
         return {"version": engine.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_model=None, response_class=Response,
+             responses=r.documented(None, (500,), text="Prometheus text exposition format."))
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/reset_prefix_cache")
+    @app.post("/reset_prefix_cache", response_model=None,
+              responses=r.documented(r.ResetPrefixCacheResponse, (401, 500, 503)))
     async def reset_prefix_cache() -> dict[str, Any]:
         alive()
         return {"reset": bool(await state.engine.reset_prefix_cache())}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None,
+             responses=r.documented(r.ModelList, (401, 500, 503)))
     async def models() -> dict[str, Any]:
         max_len = state.engine.config.model.max_model_len
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "engine",
@@ -309,7 +321,9 @@ def build_app(state: ServerState, registry: CollectorRegistry,
                 for name in state.model_names]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses=r.documented(r.CompletionResponse, _WORK_ERRORS,
+                                   stream_of="CompletionResponse"))
     async def completions(request: CompletionRequest, raw: Request) -> Any:
         alive()
         if request.stream:
@@ -317,7 +331,9 @@ def build_app(state: ServerState, registry: CollectorRegistry,
         return _respond(await _unless_disconnected(
             raw, serving_completion.create_completion(state, request)))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=r.documented(r.ChatCompletionResponse, _WORK_ERRORS,
+                                   stream_of="ChatCompletionChunk"))
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Any:
         alive()
         if request.stream:
@@ -325,7 +341,8 @@ def build_app(state: ServerState, registry: CollectorRegistry,
         return _respond(await _unless_disconnected(
             raw, serving_chat.create_chat_completion(state, request)))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=None,
+              responses=r.documented(r.TokenizeResponse, _WORK_ERRORS))
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
         state.check_model(request.model)
         if request.messages is not None:
@@ -338,7 +355,8 @@ def build_app(state: ServerState, registry: CollectorRegistry,
         return {"tokens": tokens, "count": len(tokens),
                 "max_model_len": state.engine.config.model.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=None,
+              responses=r.documented(r.DetokenizeResponse, _WORK_ERRORS))
     async def detokenize(request: DetokenizeRequest) -> dict[str, str]:
         state.check_model(request.model)
         vocab = state.engine.config.model.vocab_size
@@ -348,14 +366,25 @@ def build_app(state: ServerState, registry: CollectorRegistry,
                            param="tokens")
         return {"prompt": state.engine.tokenizer.decode(request.tokens)}
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = r.complete_schema(get_openapi(
+                title=app.title, version=app.version, routes=app.routes),
+                guarded=None if api_key is None else OPEN_ROUTES)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
 def _tokenize(state: ServerState, request: TokenizeRequest) -> list[int]:
+    """The prompt's tokens, or the templated messages' (checked as a chat request's are)."""
     tokenizer = state.engine.tokenizer
-    if request.messages is not None:
-        text = state.engine.input_processor.apply_chat_template(
-            [m.as_template_dict() for m in request.messages],
-            add_generation_prompt=request.add_generation_prompt)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+    with admission(request):
+        if request.messages is not None:
+            text = state.engine.input_processor.apply_chat_template(
+                [template_message(m.model_dump(exclude_none=True), i)
+                 for i, m in enumerate(request.messages)],
+                add_generation_prompt=request.add_generation_prompt)
+            return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)

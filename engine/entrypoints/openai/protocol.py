@@ -1,6 +1,6 @@
 """Pydantic models of the OpenAI API requests the server accepts, plus the engine's extras.
 
-Rule: requests are validated here (types, ranges the OpenAI API defines); fields a client
+Rule: requests are validated here (strict JSON types, ranges the OpenAI API defines); fields a client
 sends that we do not know are ignored with one logged warning, never rejected, so existing
 clients keep working. Anything left `None` takes the model's default sampling parameters.
 """
@@ -8,17 +8,24 @@ clients keep working. Anything left `None` takes the model's default sampling pa
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.inputs import CHAT_ROLES
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Every integer the server accepts fits the engine's wire format (msgpack, 64 bits); larger
+# ones are a 400 naming the field, not an overflow deep inside.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: JSON types as the schema says (true is not 1, "5" is not 5), so the OpenAPI
+    # document is what the server accepts.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="after")
     def _warn_unknown_fields(self) -> OpenAIBaseModel:
@@ -51,7 +58,7 @@ class SamplingRequest(OpenAIBaseModel):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[Int64] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
@@ -59,16 +66,16 @@ class SamplingRequest(OpenAIBaseModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # engine extras
-    top_k: Optional[int] = None
+    top_k: Optional[Int64] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[Int64]] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    prompt_logprobs: Optional[int] = None
-    priority: int = 0
+    prompt_logprobs: Optional[Int64] = None
+    priority: Int64 = 0
     request_id: Optional[str] = None
 
     def to_sampling_params(self, defaults: SamplingParams, max_tokens: Optional[int],
@@ -101,10 +108,10 @@ class SamplingRequest(OpenAIBaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
+    prompt: Union[str, list[str], list[Int64], list[list[Int64]]]
+    max_tokens: Optional[Int64] = 16
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[Int64] = Field(None, ge=0)
     suffix: Optional[str] = None
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -120,26 +127,18 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: str
+    # Checked at admission (a 400 naming messages[i].role); the enum is for the document.
+    role: str = Field(json_schema_extra={"enum": list(CHAT_ROLES)})
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
-
-    def as_template_dict(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        message: dict[str, Any] = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[Int64] = None
+    max_completion_tokens: Optional[Int64] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    top_logprobs: Optional[Int64] = Field(None, ge=0)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
@@ -161,7 +160,7 @@ class TokenizeRequest(OpenAIBaseModel):
 
 class DetokenizeRequest(OpenAIBaseModel):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[Int64]
 
 
 def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
