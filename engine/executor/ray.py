@@ -120,7 +120,10 @@ class RayExecutor(RankedExecutor):
         self._set_layout(config)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            # RAY_ADDRESS, else a running local cluster, else a new local instance.
+            # RAY_ADDRESS, else a running local cluster, else a new local instance. A local
+            # instance we start runs its workers at normal priority: they are the workload,
+            # and Ray's default (nice 15) starves them on a busy host.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
         self._failure: Optional[str] = None
         self.actors: list[Any] = []

@@ -26,6 +26,9 @@ _CLUSTER_CPUS = 3
 def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
+    # As the engine does when it starts Ray itself: workers at normal priority (Ray's
+    # default nice 15 starves them beside other work on a busy CI machine).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=_CLUSTER_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
