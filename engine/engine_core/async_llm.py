@@ -15,10 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, Optional, Union
 
-from engine.config import EngineArgs, EngineConfig
-from engine.engine_core.messages import SchedulerStats
+from engine.config import EngineConfig
+from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
+from engine.messages.core import SchedulerStats
 from engine.outputs.request_output import RequestFailedError, RequestOutput, failure_of
 from engine.sampling_params import SamplingParams
 

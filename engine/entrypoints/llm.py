@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from tqdm.auto import tqdm
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.core import EngineCore
 from engine.engine_core.inproc import InprocClient

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.engine_core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from engine.messages.core import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 from engine.outputs.completion_state import CompletionState
 from engine.outputs.detokenizer import special_token_ids
 from engine.outputs.logprobs import TokenTexts

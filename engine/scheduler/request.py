@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from engine.engine_core.messages import EngineCoreRequest, FinishReason
 from engine.kv_cache.hashing import BlockHash
+from engine.messages.core import EngineCoreRequest, FinishReason
 from engine.sampling_params import SamplingParams
 
 

@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.engine_core.messages import (
+from engine.kv_cache.block import KVCacheBlock
+from engine.kv_cache.manager import KVCacheManager
+from engine.messages.core import (
     EngineCoreOutput,
     EngineCoreOutputs,
     FinishReason,
     SchedulerStats,
 )
-from engine.kv_cache.block import KVCacheBlock
-from engine.kv_cache.manager import KVCacheManager
-from engine.scheduler.output import (
+from engine.messages.step import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,

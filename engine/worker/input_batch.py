@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.messages.step import SchedulerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import SchedulerOutput
 from engine.worker.sampling_metadata import check_vocab_range
 from platforms.interface import CommonAttentionMetadata
 

@@ -20,11 +20,11 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import SINGLE, ParallelContext, use_parallel
 from engine.distributed.sharding import split_heads
-from engine.engine_core.messages import LogprobsEntry
+from engine.messages.core import LogprobsEntry
+from engine.messages.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.models.layers.attention import Attention
 from engine.models.loader import load_model
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.worker.input_batch import InputBatch, StepInputs
 from engine.worker.profiler import TraceProfiler
 from engine.worker.sampler import LogprobsTensors, Sampler, logprob_tensors, row_logprobs

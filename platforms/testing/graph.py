@@ -56,7 +56,7 @@ def check_graph_runner(
 ) -> float:
     """Raise AssertionError if the platform's graph runner disagrees with eager; return the
     largest absolute difference in hidden states seen."""
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
     from engine.engine_core.core import resolve_for_platform
     from engine.worker.model_runner import ModelRunner
 
