@@ -75,8 +75,10 @@ class EngineArgs(BaseModel):
     enable_chunked_prefill: bool = Field(
         True, description="Split long prompts across steps to keep decode latency steady."
     )
-    scheduling_policy: Literal["fcfs", "priority"] = Field(
-        "fcfs", description="Order of waiting requests: arrival, or `priority` then arrival."
+    scheduling_policy: str = Field(
+        "fcfs", description="Order of waiting requests: 'fcfs' (arrival), 'priority' (the "
+        "request's priority, then arrival), 'fair' (the user served the fewest tokens first), "
+        "or a policy a plugin installs under the 'engine.schedulers' entry-point group."
     )
     kv_cache_memory: Optional[int] = Field(
         None,

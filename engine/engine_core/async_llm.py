@@ -121,7 +121,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: Union[str, list[int], ProcessedPrompt],
                        params: Optional[SamplingParams], request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, tenant: Optional[str] = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come (DELTA or FINAL_ONLY per `params`).
 
         Raises ValueError for invalid input before anything reaches the core,
@@ -141,7 +142,7 @@ class AsyncLLM:
         try:
             core_requests = self.output_processor.add_request(
                 request_id, text, token_ids, params,
-                time.time(), priority, self.eos_token_id,
+                time.time(), priority, self.eos_token_id, tenant,
             )
             for core_request in core_requests:
                 await self.client.add_request_async(core_request)

@@ -234,6 +234,7 @@ class Scheduler:
             if new_blocks is None:
                 return  # it preempted itself: no blocks for anyone after it either
             step.num_scheduled[request.request_id] = num_new
+            self.waiting.on_scheduled(request, num_new)
             step.budget -= num_new
             step.new_block_ids[request.request_id] = [b.block_id for b in new_blocks]
             # Preempting an earlier (already scheduled) victim shifts the list.
@@ -311,6 +312,7 @@ class Scheduler:
             )
         )
         step.num_scheduled[request.request_id] = num_new
+        self.waiting.on_scheduled(request, num_new)
         step.budget -= num_new
 
     # ---- static batching (platforms that run only warmed-up shapes) ---------------------
