@@ -15,9 +15,10 @@ _EXPORTS = {
     "LLM": "engine.entrypoints.llm",
     "SamplingParams": "engine.sampling_params",
     "RequestOutputKind": "engine.sampling_params",
-    "EngineArgs": "engine.config",
+    "EngineArgs": "engine.engine_args",
     "RequestOutput": "engine.outputs.request_output",
     "CompletionOutput": "engine.outputs.request_output",
+    "RequestFailedError": "engine.outputs.request_output",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-from engine.engine_core.messages import SchedulerStats
+from engine.messages.core import SchedulerStats
 from engine.outputs.request_output import RequestOutput
 
 logger = logging.getLogger("engine.stats")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from platforms.static_attention import StepShape
+from platforms.util import cdiv
 
 MIN_QUERY_BUCKET = 16  # default: a prefill chunk pads to at least this many tokens
 
@@ -42,7 +43,7 @@ class BucketLimits:
     def from_config(cls, config, min_query: int = MIN_QUERY_BUCKET) -> BucketLimits:
         sched = config.scheduler
         return cls(sched.max_num_seqs, sched.max_num_batched_tokens,
-                   -(-sched.max_model_len // config.cache.block_size), min_query)
+                   cdiv(sched.max_model_len, config.cache.block_size), min_query)
 
     @property
     def batch_buckets(self) -> tuple[int, ...]:

@@ -48,8 +48,10 @@ PLATFORM_API_VERSION = 2
 #   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes,
 #   inference_context (the no-grad mode a step runs under; XLA needs no_grad),
 #   executes_asynchronously (async scheduling by default) with DeviceEvent.query,
-#   default_max_num_seqs, DeviceModulePlatform (a base for torch-style device modules), and
-#   Communicator.all_reduce_add_rms_norm (all-reduce fused with residual add and RMSNorm).
+#   default_max_num_seqs, DeviceModulePlatform (a base for torch-style device modules),
+#   Communicator.all_reduce_add_rms_norm (all-reduce fused with residual add and RMSNorm),
+#   and ray_device_resource (what a rank reserves on Ray; before, the Ray executor compared
+#   device_type with "cpu", which gave a Spyre rank a CPU instead of its card).
 
 
 @dataclass(frozen=True)
@@ -370,6 +372,9 @@ class Platform(abc.ABC):
     # True when `peak_memory_bytes` measures something: the model runner then runs one
     # full-size profiling step before sizing the KV cache (see `kv_cache_bytes`).
     measures_peak_memory: ClassVar[bool] = False
+    # The Ray resource one rank of this platform reserves ("GPU", "TPU", a custom name the
+    # cluster registers); None: the device is the host, a rank reserves one CPU.
+    ray_device_resource: ClassVar[Optional[str]] = None
 
     @classmethod
     @abc.abstractmethod

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from platforms.interface import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from platforms.util import cdiv
 
 SCRATCH_SLOT = 0
 
@@ -65,7 +66,7 @@ class StaticAttentionMetadata:
 def natural_shape(common: CommonAttentionMetadata, block_size: int) -> StepShape:
     """The smallest grid holding this step as it is (no padding requests)."""
     return StepShape(batch=common.num_reqs, query=common.max_query_len,
-                     blocks=-(-common.max_seq_len // block_size))
+                     blocks=cdiv(common.max_seq_len, block_size))
 
 
 def build_static_metadata(
@@ -77,7 +78,7 @@ def build_static_metadata(
     n, real = common.num_reqs, common.num_actual_tokens
     batch, query, blocks = shape.batch, shape.query, shape.blocks
     if n > batch or common.max_query_len > query or real > num_tokens or \
-            -(-common.max_seq_len // block_size) > blocks:
+            cdiv(common.max_seq_len, block_size) > blocks:
         raise ValueError(f"A step of {n} requests, {real} tokens, longest query "
                          f"{common.max_query_len}, context {common.max_seq_len} does not fit "
                          f"{shape} with {num_tokens} rows.")

@@ -17,6 +17,9 @@ ENGINE_ROOT = Path(__file__).resolve().parents[1] / "engine"
 
 HARDWARE_NAMES = re.compile(
     r"torch\.cuda|is_cuda\(|torch_npu|torch_xla|habana|import triton|from triton\b|\.cuda\("
+    # Identity checks: a branch on which device this is, instead of asking a capability.
+    r"|\bdevice_type\s*[!=]=|[!=]=\s*[\w.]*\bdevice_type\b|\.device\.type\s*[!=]="
+    r"|\bdevice_type\s+(?:not\s+)?in\b"
 )
 
 
@@ -79,6 +82,20 @@ def test_scanner_finds_planted_names(tmp_path: Path):
     )
     hits = find_hardware_names(tmp_path)
     assert [h.split(":")[1] for h in hits] == ["3", "6", "7", "8"]
+
+
+def test_scanner_finds_planted_identity_checks(tmp_path: Path):
+    (tmp_path / "ids.py").write_text(
+        "if platform.device_type == 'cpu':\n"
+        "    pass\n"
+        "accel = 'cpu' != platform.device_type\n"
+        "on_host = tensor.device.type == 'cpu'\n"
+        "if self.device_type in ('cuda', 'hip'):\n"
+        "    pass\n"
+        "ok = torch.device(platform.device_type)  # naming it is fine, branching on it is not\n"
+    )
+    hits = find_hardware_names(tmp_path)
+    assert [h.split(":")[1] for h in hits] == ["1", "3", "4", "5"]
 
 
 def test_scanner_passes_clean_code(tmp_path: Path):

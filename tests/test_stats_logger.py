@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from engine.engine_core.messages import SchedulerStats
+from engine.messages.core import SchedulerStats
 from engine.stats_logger import StatsLogger
 
 

@@ -15,10 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, Optional, Union
 
-from engine.config import EngineArgs, EngineConfig
-from engine.engine_core.messages import SchedulerStats
+from engine.config import EngineConfig
+from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
+from engine.messages.core import SchedulerStats
 from engine.outputs.request_output import RequestFailedError, RequestOutput, failure_of
 from engine.sampling_params import SamplingParams
 
@@ -120,7 +121,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: Union[str, list[int], ProcessedPrompt],
                        params: Optional[SamplingParams], request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, tenant: Optional[str] = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come (DELTA or FINAL_ONLY per `params`).
 
         Raises ValueError for invalid input before anything reaches the core,
@@ -140,7 +142,7 @@ class AsyncLLM:
         try:
             core_requests = self.output_processor.add_request(
                 request_id, text, token_ids, params,
-                time.time(), priority, self.eos_token_id,
+                time.time(), priority, self.eos_token_id, tenant,
             )
             for core_request in core_requests:
                 await self.client.add_request_async(core_request)

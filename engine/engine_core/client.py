@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 
 
 class EngineCoreClient(abc.ABC):

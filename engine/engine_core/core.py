@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 
 from engine.config import EngineConfig
-from engine.distributed.pipeline import BatchQueue, worth_dispatching
-from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
+from engine.engine_core.batch_queue import BatchQueue, worth_dispatching
 from engine.executor import make_executor
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler

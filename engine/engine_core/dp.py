@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import zmq
 
-from engine.config import EngineArgs, EngineConfig
+from engine.config import EngineConfig
+from engine.engine_args import EngineArgs
 from engine.engine_core.client import EngineCoreClient
-from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError, SyncMPClient
 from engine.engine_core.transport import (
     OutputType,
@@ -32,6 +32,7 @@ from engine.engine_core.transport import (
     decode_output,
     encode,
 )
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.core import EngineCore
-from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 
 
 class InprocClient(EngineCoreClient):

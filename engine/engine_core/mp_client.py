@@ -15,9 +15,9 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from engine.config import EngineArgs, EngineConfig
+from engine.config import EngineConfig
+from engine.engine_args import EngineArgs
 from engine.engine_core.client import EngineCoreClient
-from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
 from engine.engine_core.process import (
     CoreProcessHandle,
     launch_engine_core,
@@ -31,6 +31,7 @@ from engine.engine_core.transport import (
     decode_output,
     encode,
 )
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 import zmq
 
-from engine.config import EngineArgs, EngineConfig
-from engine.engine_core.messages import EngineCoreOutputs
+from engine.config import EngineConfig
+from engine.engine_args import EngineArgs
 from engine.engine_core.transport import (
     UTILITY_METHODS,
     OutputType,
@@ -38,6 +38,7 @@ from engine.engine_core.transport import (
     decode_request,
     encode,
 )
+from engine.messages.core import EngineCoreOutputs
 
 logger = logging.getLogger(__name__)
 

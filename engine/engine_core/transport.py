@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import msgspec
 
-from engine.engine_core.messages import EngineCoreOutputs, EngineCoreRequest
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 
 
 class RequestType(bytes, enum.Enum):

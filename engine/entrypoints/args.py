@@ -10,7 +10,7 @@ import argparse
 import typing
 from typing import Any, Optional
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 
 # Short aliases users know from other engines.
 _ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}

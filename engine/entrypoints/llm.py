@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from tqdm.auto import tqdm
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.core import EngineCore
 from engine.engine_core.inproc import InprocClient
@@ -77,15 +77,19 @@ class LLM:
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
         priority: Optional[Sequence[int]] = None,
+        user: Optional[Union[str, Sequence[Optional[str]]]] = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string, a list of token ids, or
-        `{"prompt_token_ids": [...]}`); returns one RequestOutput per prompt, in order."""
+        `{"prompt_token_ids": [...]}`); returns one RequestOutput per prompt, in order.
+        `priority` (per prompt) orders them under the "priority" policy; `user` (one, or
+        per prompt) is whom each is for, the share a "fair" policy balances."""
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
-        if priority is not None and len(priority) != len(prompt_list):
-            raise ValueError(
-                f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts."
-            )
+        users = [user] * len(prompt_list) if user is None or isinstance(user, str) else list(user)
+        for name, values in (("priority", priority), ("user", users)):
+            if values is not None and len(values) != len(prompt_list):
+                raise ValueError(f"{name} has {len(values)} entries but there are "
+                                 f"{len(prompt_list)} prompts.")
         processed = [
             self.input_processor.process(_prompt_input(p), sp)
             for p, sp in zip(prompt_list, params_list)
@@ -99,7 +103,7 @@ class LLM:
             sp = sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)
             core_requests = self.output_processor.add_request(
                 request_id, text, token_ids, sp, time.time(),
-                priority[i] if priority is not None else 0, self.eos_token_id,
+                priority[i] if priority is not None else 0, self.eos_token_id, users[i],
             )
             for core_request in core_requests:
                 self.client.add_request(core_request)

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
     from engine.tokenizer import load_tokenizer
 
     engine_args = EngineArgs(model=args.model, tokenizer=args.tokenizer,

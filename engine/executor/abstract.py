@@ -13,7 +13,7 @@ import abc
 from typing import Any, Optional
 
 from engine.config import EngineConfig
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.messages.step import ModelRunnerOutput, SchedulerOutput
 
 
 class DoneBatch:

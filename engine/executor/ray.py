@@ -39,9 +39,9 @@ _POLL_S = 0.1  # how often a waiting executor looks at every pending call
 # Seconds to wait for the cluster to grant every bundle (Ray queues a placement group that
 # does not fit, forever by default); ENGINE_RAY_PLACEMENT_TIMEOUT_S overrides it.
 _PLACEMENT_TIMEOUT_S = 60.0
-# The Ray resource one accelerator rank reserves (Ray's name for GPUs; clusters that
-# register their devices under another name set this, e.g. to a custom resource).
-_ACCELERATOR_RESOURCE = os.environ.get("ENGINE_RAY_DEVICE_RESOURCE", "GPU")
+# Clusters that register their devices under another name than the platform's
+# `ray_device_resource` set this (e.g. to a custom resource).
+_RESOURCE_ENV = "ENGINE_RAY_DEVICE_RESOURCE"
 _SHUTDOWN_GRACE_S = 5.0
 # After one rank raises, how long to wait for a peer's death to explain it.
 _PEER_DEATH_WAIT_S = 2.0
@@ -59,11 +59,16 @@ def import_ray() -> Any:
     return ray
 
 
+def device_resource(platform: Platform) -> Optional[str]:
+    """The Ray resource one rank reserves (the platform's, or ENGINE_RAY_DEVICE_RESOURCE);
+    None: the device is the host and a rank takes one CPU."""
+    return os.environ.get(_RESOURCE_ENV) or platform.ray_device_resource
+
+
 def rank_bundle(platform: Platform) -> dict[str, float]:
-    """What one rank reserves: a CPU for a CPU platform, one accelerator otherwise."""
-    if platform.device_type == "cpu":
-        return {"CPU": 1.0}
-    return {_ACCELERATOR_RESOURCE: 1.0}
+    """What one rank reserves: one of its device resource, or a CPU."""
+    resource = device_resource(platform)
+    return {"CPU": 1.0} if resource is None else {resource: 1.0}
 
 
 class RankActor:
@@ -86,7 +91,7 @@ class RankActor:
         return f"tcp://{ip}:{free_port(ip)}"
 
     def start(self, config: EngineConfig, platform_name: str, rank: int, init_method: str,
-              ranks_on_node: int, is_accelerator: bool) -> None:
+              ranks_on_node: int, reserved_device: bool) -> None:
         """Build the rank's groups and model runner (blocks until every rank has joined)."""
         import torch
 
@@ -94,8 +99,8 @@ class RankActor:
         from platforms.registry import select_platform
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_on_node))
-        # Ray makes only the accelerator it granted visible to this actor: device 0 here.
-        local_rank = 0 if is_accelerator else rank
+        # Ray makes only the device it granted visible to this actor: device 0 here.
+        local_rank = 0 if reserved_device else rank
         self.worker = Worker(config, select_platform(platform_name), rank, init_method,
                              local_rank=local_rank)
 
@@ -132,8 +137,7 @@ class RayExecutor(RankedExecutor):
         self._pg = self._reserve(bundle)
         try:
             remote_cls = ray.remote(RankActor)
-            is_accelerator = platform.device_type != "cpu"
-            options = _actor_options(is_accelerator)
+            options = _actor_options(device_resource(platform))
             unordered = [
                 remote_cls.options(
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -152,7 +156,8 @@ class RayExecutor(RankedExecutor):
             per_node = Counter(ip for ip, _ in self.placement)
             self._gather([
                 actor.start.remote(config, platform.name, rank, init_method,
-                                   per_node[self.placement[rank][0]], is_accelerator)
+                                   per_node[self.placement[rank][0]],
+                                   device_resource(platform) is not None)
                 for rank, actor in enumerate(self.actors)
             ], "start")
         except BaseException:
@@ -263,13 +268,14 @@ class RayExecutor(RankedExecutor):
             self._owns_ray = False
 
 
-def _actor_options(is_accelerator: bool) -> dict[str, Any]:
-    """An actor's own resources: exactly its bundle (an accelerator rank takes no CPU)."""
-    if not is_accelerator:
+def _actor_options(resource: Optional[str]) -> dict[str, Any]:
+    """An actor's own resources: exactly its bundle (a device rank takes no CPU). Ray
+    takes GPUs through `num_gpus` only, every other resource through `resources`."""
+    if resource is None:
         return {"num_cpus": 1.0}
-    if _ACCELERATOR_RESOURCE == "GPU":
+    if resource == "GPU":
         return {"num_cpus": 0.0, "num_gpus": 1.0}
-    return {"num_cpus": 0.0, "resources": {_ACCELERATOR_RESOURCE: 1.0}}
+    return {"num_cpus": 0.0, "resources": {resource: 1.0}}
 
 
 def _rank_order(node_ips: list[str]) -> list[int]:

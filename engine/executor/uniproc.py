@@ -8,7 +8,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.executor.abstract import Executor
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.messages.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner, StepHandle
 from platforms.interface import Platform
 

@@ -16,6 +16,7 @@ from typing import Any, Optional, Protocol
 from engine.kv_cache.block import KVCacheBlock
 from engine.kv_cache.block_pool import BlockPool
 from engine.kv_cache.hashing import BlockHash, extend_block_hashes
+from platforms.util import cdiv
 
 
 class CacheableRequest(Protocol):
@@ -104,7 +105,7 @@ class KVCacheManager:
         num_tokens_after = (
             request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         )
-        num_required = -(-num_tokens_after // self.block_size)
+        num_required = cdiv(num_tokens_after, self.block_size)
         num_new_blocks = max(num_required - num_held - len(hits), 0)
         # Hits sitting in the free queue count against the free blocks once touched.
         num_free_hits = sum(1 for block in hits if block.ref_cnt == 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from engine.engine_core.messages import EngineCoreOutput, FinishReason, LogprobsEntry
+from engine.messages.core import EngineCoreOutput, FinishReason, LogprobsEntry
 from engine.outputs.detokenizer import IncrementalDetokenizer
 from engine.outputs.logprobs import PromptLogprobs, TokenTexts, to_position_logprobs
 from engine.outputs.request_output import CompletionOutput, PositionLogprobs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from engine.engine_core.messages import LogprobsEntry
+from engine.messages.core import LogprobsEntry
 from engine.outputs.request_output import Logprob, PositionLogprobs
 
 

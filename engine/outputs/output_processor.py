@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.engine_core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from engine.messages.core import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 from engine.outputs.completion_state import CompletionState
 from engine.outputs.detokenizer import special_token_ids
 from engine.outputs.logprobs import TokenTexts
@@ -77,6 +77,7 @@ class OutputProcessor:
         arrival_time: float,
         priority: int = 0,
         eos_token_id: Optional[int] = None,
+        tenant: Optional[str] = None,
     ) -> list[EngineCoreRequest]:
         """Register a request; returns the engine-core requests to send (one per completion)."""
         if request_id in self._parents:
@@ -131,6 +132,7 @@ class OutputProcessor:
                     eos_token_id=eos_token_id,
                     arrival_time=arrival_time,
                     priority=priority,
+                    tenant=tenant,
                 )
             )
         self._parents[request_id] = parent

@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from engine.engine_core.messages import EngineCoreRequest, FinishReason
 from engine.kv_cache.hashing import BlockHash
+from engine.messages.core import EngineCoreRequest, FinishReason
 from engine.sampling_params import SamplingParams
 
 
@@ -54,6 +54,7 @@ class Request:
         arrival_time: Optional[float] = None,
         priority: int = 0,
         extra_keys: tuple[Any, ...] = (),
+        tenant: Optional[str] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -61,6 +62,7 @@ class Request:
         self.eos_token_id = eos_token_id
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.priority = priority
+        self.tenant = tenant
         # Keys besides the tokens that decide whether KV can be shared (cache salt, LoRA id).
         self.extra_keys = extra_keys
         self.output_token_ids: list[int] = []
@@ -89,6 +91,7 @@ class Request:
             eos_token_id=request.eos_token_id,
             arrival_time=request.arrival_time,
             priority=request.priority,
+            tenant=request.tenant,
         )
 
     @property

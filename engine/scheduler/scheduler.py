@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.engine_core.messages import (
+from engine.kv_cache.block import KVCacheBlock
+from engine.kv_cache.manager import KVCacheManager
+from engine.messages.core import (
     EngineCoreOutput,
     EngineCoreOutputs,
     FinishReason,
     SchedulerStats,
 )
-from engine.kv_cache.block import KVCacheBlock
-from engine.kv_cache.manager import KVCacheManager
-from engine.scheduler.output import (
+from engine.messages.step import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
@@ -49,6 +49,7 @@ from engine.scheduler.policy import create_waiting_queue
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.stop import check_stop
 from platforms.scheduling import StaticBatching
+from platforms.util import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Scheduler:
                 f"Prompt of request {request.request_id!r} has {request.num_tokens} tokens, "
                 f"more than max_model_len={limit}; shorten it or raise --max-model-len."
             )
-        num_blocks_needed = -(-request.num_tokens // self.block_size)
+        num_blocks_needed = cdiv(request.num_tokens, self.block_size)
         if num_blocks_needed > self.kv_cache.num_blocks:
             raise ValueError(
                 f"Prompt of request {request.request_id!r} needs {num_blocks_needed} KV-cache "
@@ -168,7 +169,7 @@ class Scheduler:
         optimistically, as if the step had already run."""
         share = min(len(self.requests), self.config.max_num_seqs)
         step = _Step(budget=self.config.max_num_batched_tokens,
-                     max_reqs=max(1, -(-share // self.num_micro_batches)))
+                     max_reqs=max(1, cdiv(share, self.num_micro_batches)))
         self._schedule_running(step)
         # After a preemption blocks are short: admitting more would only preempt again.
         if self.constraints is not None:
@@ -233,6 +234,7 @@ class Scheduler:
             if new_blocks is None:
                 return  # it preempted itself: no blocks for anyone after it either
             step.num_scheduled[request.request_id] = num_new
+            self.waiting.on_scheduled(request, num_new)
             step.budget -= num_new
             step.new_block_ids[request.request_id] = [b.block_id for b in new_blocks]
             # Preempting an earlier (already scheduled) victim shifts the list.
@@ -310,6 +312,7 @@ class Scheduler:
             )
         )
         step.num_scheduled[request.request_id] = num_new
+        self.waiting.on_scheduled(request, num_new)
         step.budget -= num_new
 
     # ---- static batching (platforms that run only warmed-up shapes) ---------------------
@@ -320,7 +323,7 @@ class Scheduler:
         return limit if max_tokens is None else min(max_tokens, limit)
 
     def _static_blocks_needed(self, request: Request) -> int:
-        return -(-(request.num_prompt_tokens + self._max_new_tokens(request)) // self.block_size)
+        return cdiv(request.num_prompt_tokens + self._max_new_tokens(request), self.block_size)
 
     def _check_static_fit(self, request: Request) -> None:
         assert self.constraints is not None

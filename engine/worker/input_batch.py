@@ -14,10 +14,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.messages.step import SchedulerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import SchedulerOutput
 from engine.worker.sampling_metadata import check_vocab_range
 from platforms.interface import CommonAttentionMetadata
+from platforms.util import cdiv
 
 
 @dataclass
@@ -239,7 +240,7 @@ class InputBatch:
         each new alignment pattern."""
         align = max(1, _VIEW_ALIGN_BYTES // np.dtype(dtype).itemsize)
         sizes = [a.size for a in arrays]
-        padded = [-(-n // align) * align for n in sizes]
+        padded = [cdiv(n, align) * align for n in sizes]
         flat = np.zeros(sum(padded), dtype=dtype)
         offset = 0
         for array, size, room in zip(arrays, sizes, padded):

@@ -20,11 +20,11 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import SINGLE, ParallelContext, use_parallel
 from engine.distributed.sharding import split_heads
-from engine.engine_core.messages import LogprobsEntry
+from engine.messages.core import LogprobsEntry
+from engine.messages.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.models.layers.attention import Attention
 from engine.models.loader import load_model
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.worker.input_batch import InputBatch, StepInputs
 from engine.worker.profiler import TraceProfiler
 from engine.worker.sampler import LogprobsTensors, Sampler, logprob_tensors, row_logprobs
@@ -32,6 +32,7 @@ from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetada
 from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
 from platforms.kernels import use_kernels
 from platforms.registry import kernel_table
+from platforms.util import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class ModelRunner:
         block_size = self.config.cache.block_size
         reqs, next_block = [], 0
         for i, n in enumerate(lens):
-            num_req_blocks = -(-n // block_size)
+            num_req_blocks = cdiv(n, block_size)
             reqs.append(NewRequestData(
                 req_id=f"__profile_{i}__", prompt_token_ids=[0] * n, output_token_ids=[],
                 sampling_params=SamplingParams(max_tokens=1),
@@ -277,7 +278,7 @@ class ModelRunner:
             prompt_token_ids=[0] * num_tokens,
             output_token_ids=[],
             sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
-            block_ids=[0] * (-(-num_tokens // self.config.cache.block_size)),
+            block_ids=[0] * (cdiv(num_tokens, self.config.cache.block_size)),
             num_computed_tokens=0,
         )
         self.execute_model(SchedulerOutput([req], [], {req.req_id: num_tokens}, num_tokens))

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from engine.distributed.pipeline import Stage, recv_activations, send_activations
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.messages.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner, StepHandle
 from platforms.interface import GraphRunner
 

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from engine.engine_core.messages import LogprobsEntry
+from engine.messages.core import LogprobsEntry
 from engine.worker.sampling_metadata import SamplingMetadata
 
 _MIN_EXPONENTIAL = torch.finfo(torch.float32).tiny

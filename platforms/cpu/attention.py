@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from platforms.cpu.native import load_library
 from platforms.interface import AttentionBackend, AttentionSpec, CommonAttentionMetadata
+from platforms.util import cdiv
 
 # Decode contexts up to this many tokens share a group; beyond it, groups double in size.
 _MIN_GROUP_LEN = 128
@@ -107,7 +108,7 @@ class CpuAttentionBackend(AttentionBackend):
         max_seq = int(lens.max())
         token_idx = common.query_start_loc_cpu[req_idx].long()
         if self.native is not None:
-            num_blocks = -(-max_seq // self.spec.block_size)
+            num_blocks = cdiv(max_seq, self.spec.block_size)
             table = common.block_table[req_idx, :num_blocks].contiguous()
             return DecodeGroup(req_idx, token_idx, max_seq, block_table=table,
                                seq_lens=lens.contiguous())
@@ -159,7 +160,7 @@ class CpuAttentionBackend(AttentionBackend):
                 torch.get_num_threads(),
             )
             return out
-        num_blocks = -(-group.max_seq // spec.block_size)
+        num_blocks = cdiv(group.max_seq, spec.block_size)
         tables = common.block_table[group.req_idx, :num_blocks].flatten().long()
         num_decodes = len(group.req_idx)
         # Gather whole blocks: [D * num_blocks, block_size, Hkv, head] -> [D, S, Hkv, head]
@@ -181,7 +182,7 @@ class CpuAttentionBackend(AttentionBackend):
             # No cached context: the new keys are the whole sequence, no gather needed.
             k, v = key[chunk.start:chunk.end], value[chunk.start:chunk.end]
         else:
-            num_blocks = -(-chunk.seq_len // spec.block_size)
+            num_blocks = cdiv(chunk.seq_len, spec.block_size)
             table = common.block_table[chunk.req, :num_blocks].long()
             k = key_cache[table].flatten(0, 1)[:chunk.seq_len]  # [S, Hkv, head]
             v = value_cache[table].flatten(0, 1)[:chunk.seq_len]

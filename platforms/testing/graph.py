@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from platforms.interface import CommonAttentionMetadata, Platform
+from platforms.util import cdiv
 
 # Batches checked: each is a list of (num_computed_tokens, num_new_tokens) per request.
 DEFAULT_BATCHES: tuple[tuple[tuple[int, int], ...], ...] = (
@@ -56,7 +57,7 @@ def check_graph_runner(
 ) -> float:
     """Raise AssertionError if the platform's graph runner disagrees with eager; return the
     largest absolute difference in hidden states seen."""
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
     from engine.engine_core.core import resolve_for_platform
     from engine.worker.model_runner import ModelRunner
 
@@ -109,12 +110,12 @@ def _batch(
 ) -> tuple[torch.Tensor, torch.Tensor, CommonAttentionMetadata]:
     """Flat inputs and metadata for `batch`, each request on its own shuffled blocks."""
     seq_lens = [c + n for c, n in batch]
-    max_blocks = max(-(-s // block_size) for s in seq_lens)
+    max_blocks = max(cdiv(s, block_size) for s in seq_lens)
     perm = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0 stays scratch
     table = torch.zeros(len(batch), max_blocks, dtype=torch.int32)
     slots, positions, pos = [], [], 0
     for i, (computed, new) in enumerate(batch):
-        count = -(-seq_lens[i] // block_size)
+        count = cdiv(seq_lens[i], block_size)
         table[i, :count] = perm[pos:pos + count].to(torch.int32)
         pos += count
         for p in range(computed, computed + new):

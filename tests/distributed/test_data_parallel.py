@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.engine_core.dp import LoadBalancer, StatsMerger, combine_utility_results
-from engine.engine_core.messages import EngineCoreRequest, SchedulerStats
+from engine.messages.core import EngineCoreRequest, SchedulerStats
 from engine.sampling_params import SamplingParams
 from tests.distributed.conftest import PROMPTS, assert_same_generation
 
@@ -92,7 +92,7 @@ def test_dp2_by_pp2_equals_dp1(tiny_llama_kv1):
 
 
 def test_abort_reaches_the_owning_core(tiny_llama_kv1):
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
     from engine.engine_core.dp import DPSyncClient
 
     config = EngineArgs(model=tiny_llama_kv1, data_parallel_size=2, num_kv_blocks=64,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from engine.engine_core.core import EngineCore
 from engine.entrypoints.llm import LLM
 from engine.executor.abstract import WorkerDiedError

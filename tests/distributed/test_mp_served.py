@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from engine.config import EngineArgs
-from engine.engine_core.messages import EngineCoreRequest
+from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import EngineDeadError, SyncMPClient
+from engine.messages.core import EngineCoreRequest
 from engine.sampling_params import SamplingParams
 
 

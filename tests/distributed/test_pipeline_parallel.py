@@ -128,7 +128,7 @@ def test_first_stage_killed_mid_generation_fails_the_engine_in_seconds(tiny_llam
 
 
 def test_more_stages_than_layers_is_refused(tiny_llama_kv1):
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
 
     with pytest.raises(ValueError, match=r"num_hidden_layers \(2\).*--pipeline-parallel-size "
                                          r"\(3\)"):
@@ -208,7 +208,7 @@ def test_kv_cache_is_sized_for_the_stage_layers(tiny_llama_kv1):
 def test_served_pp2_runs_and_a_killed_stage_kills_the_engine_loudly(tiny_llama_kv1):
     """`engine serve -pp 2`'s path: the core in its own process with two stage workers as
     its children; requests finish, a killed stage reaches the client as EngineDeadError."""
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
     from engine.engine_core.mp_client import SyncMPClient
     from tests.distributed.test_mp_served import (
         _children,

@@ -110,9 +110,9 @@ def test_served_core_process_joins_the_cluster_at_ray_address(ray_cluster, tiny_
     """`engine serve`'s path: the core runs in its own (daemonic) process, connects to the
     cluster RAY_ADDRESS names (here the one this process started), and its actors run a
     request there."""
-    from engine.config import EngineArgs
-    from engine.engine_core.messages import EngineCoreRequest
+    from engine.engine_args import EngineArgs
     from engine.engine_core.mp_client import SyncMPClient
+    from engine.messages.core import EngineCoreRequest
     from engine.sampling_params import SamplingParams
 
     args = EngineArgs(model=tiny_llama_kv1, tensor_parallel_size=2, num_kv_blocks=16,

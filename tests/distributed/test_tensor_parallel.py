@@ -32,14 +32,14 @@ def test_tp3_equals_tp1_on_smollm2_gguf(smollm2):
 
 
 def test_tp_that_does_not_divide_heads_is_refused(smollm2):
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
 
     with pytest.raises(ValueError, match=r"num_attention_heads \(9\).*--tensor-parallel-size"):
         EngineArgs(model=smollm2, tensor_parallel_size=2).create_config()
 
 
 def test_unavailable_parallel_modes_are_refused_with_the_flag(tiny_llama_kv1):
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
 
     with pytest.raises(ValueError, match="--pipeline-parallel-size"):  # 2 layers, 3 stages
         EngineArgs(model=tiny_llama_kv1, pipeline_parallel_size=3).create_config()

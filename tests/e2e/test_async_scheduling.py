@@ -75,7 +75,7 @@ def test_async_with_preemption_and_abort(smollm2):
 
     # Abort one request while its batch and the next are in flight; the others finish.
     core = small.core
-    from engine.engine_core.messages import EngineCoreRequest
+    from engine.messages.core import EngineCoreRequest
     for i, prompt in enumerate(prompts[:2]):
         core.add_request(EngineCoreRequest(
             request_id=f"a{i}", prompt_token_ids=small.tokenizer.encode(prompt),

@@ -29,7 +29,7 @@ def test_chat_answers_one_message(smollm2):
 def test_tokenizer_export_writes_the_servers_tokenizer(smollm2, tmp_path):
     from transformers import AutoTokenizer
 
-    from engine.config import EngineArgs
+    from engine.engine_args import EngineArgs
     from engine.tokenizer import load_tokenizer
 
     target = tmp_path / "tok"

@@ -13,9 +13,9 @@ import time
 import pytest
 from serve_fixtures import pid_alive, smollm2_path
 
-from engine.config import EngineArgs
-from engine.engine_core.messages import EngineCoreRequest, FinishReason
+from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import SyncMPClient
+from engine.messages.core import EngineCoreRequest, FinishReason
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649, 314]

@@ -7,9 +7,9 @@ import time
 import pytest
 from serve_fixtures import pid_alive, smollm2_path
 
-from engine.config import EngineArgs
-from engine.engine_core.messages import EngineCoreRequest
+from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import EngineDeadError, SyncMPClient
+from engine.messages.core import EngineCoreRequest
 from engine.sampling_params import SamplingParams
 
 

@@ -7,13 +7,6 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from engine.engine_core.messages import (
-    EngineCoreOutput,
-    EngineCoreOutputs,
-    EngineCoreRequest,
-    FinishReason,
-    SchedulerStats,
-)
 from engine.engine_core.transport import (
     OutputType,
     RequestType,
@@ -23,6 +16,13 @@ from engine.engine_core.transport import (
     encode,
 )
 from engine.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from engine.messages.core import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+    SchedulerStats,
+)
 from engine.metrics import EngineMetrics
 from engine.outputs.request_output import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from engine.models.loader.gguf_model import hf_name
 from engine.models.loader.gguf_reader import GGUFFile, GGUFTensor, dequantize
 from engine.tokenizer import eos_token_id, eos_token_ids, load_tokenizer

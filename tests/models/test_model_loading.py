@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from engine.models.loader.resolve import checkpoint_dtype
 from engine.models.registry import get_model_class, supported_architectures
 from engine.tokenizer import eos_token_id, eos_token_ids

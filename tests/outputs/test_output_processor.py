@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from engine.engine_core.messages import (
+from engine.messages.core import (
     EngineCoreOutput,
     EngineCoreOutputs,
     FinishReason,

@@ -1,6 +1,6 @@
 """Stop strings: across token borders, truncation, include_stop_str_in_output, hold-back."""
 
-from engine.engine_core.messages import EngineCoreOutput, EngineCoreOutputs
+from engine.messages.core import EngineCoreOutput, EngineCoreOutputs
 from engine.outputs.output_processor import OutputProcessor
 from engine.outputs.stop_checker import StopChecker
 from engine.sampling_params import RequestOutputKind, SamplingParams

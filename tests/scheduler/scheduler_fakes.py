@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.engine_core.messages import EngineCoreOutput
+from engine.messages.core import EngineCoreOutput
+from engine.messages.step import ModelRunnerOutput, SchedulerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.scheduler.request import Request
 from engine.scheduler.scheduler import Scheduler
 

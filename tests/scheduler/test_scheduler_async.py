@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from engine.distributed.pipeline import BatchQueue, worth_dispatching
+from engine.engine_core.batch_queue import BatchQueue, worth_dispatching
 from engine.executor.abstract import DoneBatch
 from engine.scheduler.request import RequestStatus
 from tests.scheduler.scheduler_fakes import (

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from scheduler_fakes import FakeRunner, make_request, make_scheduler, run_to_completion
 
-from engine.engine_core.messages import FinishReason
+from engine.messages.core import FinishReason
 from engine.scheduler import scheduler as scheduler_module
 
 

@@ -8,7 +8,7 @@ from scheduler_fakes import (
     run_to_completion,
 )
 
-from engine.engine_core.messages import FinishReason
+from engine.messages.core import FinishReason
 
 
 def run_one(prompt, max_model_len=256, eos=None, **params):

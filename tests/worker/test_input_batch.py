@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.messages.step import NewRequestData, SchedulerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import NewRequestData, SchedulerOutput
 from engine.worker.input_batch import InputBatch
 
 

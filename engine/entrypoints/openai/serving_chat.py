@@ -57,7 +57,8 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     check_prompt_chars(state, message_chars(request.messages), "messages")
     prompt = await off_loop(prepare, state, request)
     request_id = new_request_id("chatcmpl", request.request_id)
-    iterator = state.engine.generate(prompt, None, request_id, request.priority)
+    iterator = state.engine.generate(prompt, None, request_id, request.priority,
+                                     request.user)
     if request.stream:
         return _stream(state, request, model, request_id, prompt, iterator)
     final = await last_output(iterator)

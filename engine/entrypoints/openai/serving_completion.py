@@ -48,7 +48,7 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> A
     prompts = await off_loop(prepare, state, request)
     base_id = new_request_id("cmpl", request.request_id)
     ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
-    iterators = [state.engine.generate(p, None, rid, request.priority)
+    iterators = [state.engine.generate(p, None, rid, request.priority, request.user)
                  for p, rid in zip(prompts, ids, strict=True)]
     if request.stream:
         return _stream(state, request, model, base_id, prompts, iterators)

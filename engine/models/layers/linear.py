@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.distributed import parallel_context
 from engine.distributed.sharding import split_heads
+from platforms.util import cdiv
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -211,7 +212,7 @@ class VocabParallelEmbedding(nn.Module):
         ctx = parallel_context()
         self.tp_rank, self.tp_size, self.comm = ctx.tp_rank, ctx.tp_size, ctx.tp_comm
         self.num_embeddings = num_embeddings
-        self.rows_per_rank = -(-num_embeddings // self.tp_size)
+        self.rows_per_rank = cdiv(num_embeddings, self.tp_size)
         self.vocab_start = self.tp_rank * self.rows_per_rank
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, num_embeddings)
         self.weight = _param(self.rows_per_rank, embedding_dim)

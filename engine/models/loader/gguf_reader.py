@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from platforms.util import cdiv
+
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 # GGUF metadata value types -> struct format of a scalar.
@@ -62,7 +64,7 @@ class GGUFFile:
             self.fields[key] = self._value(vtype)
         infos = [self._tensor_info() for _ in range(num_tensors)]
         alignment = int(self.fields.get("general.alignment", _DEFAULT_ALIGNMENT))
-        data_start = -(-self._pos // alignment) * alignment
+        data_start = cdiv(self._pos, alignment) * alignment
         self.tensors = [self._tensor(data_start, *info) for info in infos]
         del self._buf  # the memoryview pins the mmap; tensors keep their own views
 

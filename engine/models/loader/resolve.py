@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from engine.config import (
     CacheConfig,
-    EngineArgs,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -24,6 +23,9 @@ from engine.config import (
 )
 from engine.models.loader.source import ModelSource, locate
 from engine.models.registry import check_architecture
+
+if TYPE_CHECKING:  # the arguments sit above the models; only their fields are read here
+    from engine.engine_args import EngineArgs
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}

@@ -23,6 +23,7 @@ import torch
 
 from engine_ascend.attention import AscendAttentionMetadata
 from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
+from platforms.util import cdiv
 
 _REFILLED = ("slot_mapping", "block_table", "seq_lens")
 
@@ -73,7 +74,7 @@ class AclGraphRunner(GraphRunner):
         self.make_graph = make_graph
         self.captured_sizes = capture_sizes(config.scheduler.max_num_seqs)
         self.graphs: dict[int, _Captured] = {}
-        self.max_blocks = -(-config.scheduler.max_model_len // config.cache.block_size)
+        self.max_blocks = cdiv(config.scheduler.max_model_len, config.cache.block_size)
 
     def capture(self, make_batch: DummyBatchFactory) -> None:
         for size in reversed(self.captured_sizes):

@@ -57,6 +57,7 @@ class HcclCommunicator(TorchDistributedCommunicator):
 class AscendPlatform(DeviceModulePlatform):
     name = "ascend"
     device_type = "npu"
+    ray_device_resource = "NPU"  # what Ray detects on an Ascend host
     priority = 80
     supports_graph_capture = True
     supported_dtypes = (torch.bfloat16, torch.float16)

@@ -44,6 +44,7 @@ from platforms.interface import (
     GraphRunner,
     ModelForward,
 )
+from platforms.util import cdiv
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -96,7 +97,7 @@ def mixed_sizes(config: EngineConfig) -> tuple[int, ...]:
 
 
 def max_blocks_per_req(config: EngineConfig) -> int:
-    return -(-config.scheduler.max_model_len // config.cache.block_size)
+    return cdiv(config.scheduler.max_model_len, config.cache.block_size)
 
 
 def graph_problems(config: EngineConfig) -> list[str]:

@@ -42,6 +42,7 @@ TRITON_KERNEL_PRIORITY = 10
 class CudaPlatform(DeviceModulePlatform):
     name = "cuda"
     device_type = "cuda"
+    ray_device_resource = "GPU"  # Ray's name for CUDA and ROCm devices alike
     priority = 100
     supports_graph_capture = True
     supports_pinned_memory = True

@@ -25,7 +25,7 @@ from engine_cuda.graph import (
 )
 from engine_cuda.platform import CudaPlatform
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from platforms.cpu.platform import CpuPlatform
 from platforms.interface import GraphRunner
 from platforms.testing import write_tiny_llama

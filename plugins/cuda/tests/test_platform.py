@@ -16,7 +16,7 @@ import pytest
 import torch
 from engine_cuda.platform import TRITON_KERNELS, CudaPlatform
 
-from engine.config import EngineArgs
+from engine.engine_args import EngineArgs
 from platforms.cpu.platform import CpuPlatform
 from platforms.kernels import REFERENCE, resolve_kernels
 from platforms.testing import write_tiny_llama

@@ -22,6 +22,7 @@ import torch
 from platforms.buckets import BucketLimits, bucket_for, decode_buckets
 from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
 from platforms.static_attention import StaticAttentionMetadata, StepShape
+from platforms.util import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class HpuGraphBucketRunner(GraphRunner):
                  attn_metadata: StaticAttentionMetadata) -> torch.Tensor:
         common = attn_metadata.common
         shape = bucket_for(self.limits, common.num_reqs, common.max_query_len,
-                           -(-common.max_seq_len // attn_metadata.block_size))
+                           cdiv(common.max_seq_len, attn_metadata.block_size))
         num_real = common.num_actual_tokens
         bucket = self.buckets.get(shape)
         if bucket is None:  # first step of this bucket: capture with its own inputs

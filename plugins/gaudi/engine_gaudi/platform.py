@@ -57,6 +57,7 @@ class HcclCommunicator(TorchDistributedCommunicator):
 class GaudiPlatform(DeviceModulePlatform):
     name = "gaudi"
     device_type = "hpu"
+    ray_device_resource = "HPU"  # what Ray detects on a Gaudi host
     priority = 80
     supports_graph_capture = True
     supported_dtypes = (torch.bfloat16, torch.float32)

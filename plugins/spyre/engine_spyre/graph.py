@@ -17,6 +17,7 @@ import torch
 from engine_spyre.shapes import SHAPES_ENV, pick_step_shape
 from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
 from platforms.static_attention import StaticAttentionMetadata, StepShape
+from platforms.util import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class StaticShapeGraphRunner(GraphRunner):
 
     def shape_for(self, metadata: StaticAttentionMetadata) -> StepShape:
         common = metadata.common
-        max_blocks = -(-common.max_seq_len // metadata.block_size)
+        max_blocks = cdiv(common.max_seq_len, metadata.block_size)
         shape = pick_step_shape(self.step_shapes, common.num_reqs, common.max_query_len,
                                 max_blocks, common.num_actual_tokens)
         if shape is None:

@@ -62,6 +62,8 @@ def hardware_present() -> bool:
 class SpyrePlatform(Platform):
     name = "spyre"
     device_type = "cpu"  # host tensors; the compiled graphs run on the card
+    # Ray does not detect Spyre cards: a cluster registers them (`ray start --resources`).
+    ray_device_resource = "spyre"
     priority = 40
     supports_graph_capture = True
     supported_dtypes = (torch.float16, torch.float32)

@@ -16,6 +16,7 @@ import re
 
 from platforms.scheduling import StaticBatching, StaticShape
 from platforms.static_attention import StepShape
+from platforms.util import cdiv
 
 SHAPES_ENV = "ENGINE_SPYRE_WARMUP_SHAPES"
 DEFAULT_SHAPES = "4x64x20"
@@ -39,7 +40,7 @@ def parse_shapes(text: str) -> tuple[StaticShape, ...]:
         if prompt % PROMPT_MULTIPLE:
             raise ValueError(
                 f"{SHAPES_ENV}: prompt length {prompt} in {entry.strip()!r} is not a multiple of "
-                f"{PROMPT_MULTIPLE}; use {(-(-prompt // PROMPT_MULTIPLE)) * PROMPT_MULTIPLE}."
+                f"{PROMPT_MULTIPLE}; use {(cdiv(prompt, PROMPT_MULTIPLE)) * PROMPT_MULTIPLE}."
             )
         shapes.append(StaticShape(batch_size=batch, prompt_len=prompt, new_tokens=new))
     return tuple(sorted(set(shapes)))
@@ -58,7 +59,7 @@ def step_shapes(shapes: tuple[StaticShape, ...], block_size: int) -> tuple[StepS
     `blocks` blocks (its longest sequence, prompt + new tokens)."""
     out = set()
     for s in shapes:
-        blocks = -(-s.max_seq_len // block_size)
+        blocks = cdiv(s.max_seq_len, block_size)
         out.add(StepShape(s.batch_size, s.prompt_len, blocks))
         out.add(StepShape(s.batch_size, 1, blocks))
     return tuple(sorted(out, key=lambda p: (p.num_tokens, p.blocks, p.batch)))

@@ -15,6 +15,7 @@ import torch
 from platforms.buckets import BucketLimits, bucket_for, decode_buckets
 from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
 from platforms.static_attention import StaticAttentionMetadata, StepShape
+from platforms.util import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class XlaBucketRunner(GraphRunner):
                  attn_metadata: StaticAttentionMetadata) -> torch.Tensor:
         common = attn_metadata.common
         shape = bucket_for(self.limits, common.num_reqs, common.max_query_len,
-                           -(-common.max_seq_len // attn_metadata.block_size))
+                           cdiv(common.max_seq_len, attn_metadata.block_size))
         return self._run(shape, input_ids, positions, attn_metadata)
 
     def _run(self, shape: StepShape, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -47,6 +47,7 @@ def xla_cpu_allowed() -> bool:
 class TpuPlatform(Platform):
     name = "tpu"
     device_type = "xla"
+    ray_device_resource = "TPU"  # what Ray detects on a TPU host
     priority = 90
     supports_graph_capture = True
     supported_dtypes = (torch.bfloat16, torch.float32)

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from platforms.util import cdiv
+
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -37,7 +39,7 @@ def copy_bandwidth() -> float:
 
 def _paged_batch(q_lens: list[int], seq_lens: list[int], gen: torch.Generator) -> dict:
     """Random cache holding every request's keys (shuffled blocks) and its queries."""
-    blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    blocks = [cdiv(s, BLOCK_SIZE) for s in seq_lens]
     num_blocks = sum(blocks)
     perm = torch.randperm(num_blocks, generator=gen, device=DEVICE).to(torch.int32)
     table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=DEVICE)

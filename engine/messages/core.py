@@ -31,6 +31,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     eos_token_id: Optional[int]
     arrival_time: float
     priority: int = 0
+    # Whom the request is for (the OpenAI `user` field): the unit a fair policy shares by.
+    tenant: Optional[str] = None
 
 
 class LogprobsEntry(msgspec.Struct, array_like=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine.engine_core.messages import LogprobsEntry
+from engine.messages.core import LogprobsEntry
 from engine.sampling_params import SamplingParams
 
 
