@@ -30,6 +30,9 @@ BAD = [  # (route, body, param)
     ("completions", {**CMPL, "n": 1000}, "n"),
     ("completions", {**CMPL, "logprobs": 10_000}, "logprobs"),
     ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 10_000}, "logprobs"),
+    ("completions", {**CMPL, "priority": 2**70}, "priority"),  # past the wire's 64 bits
+    ("completions", {**CMPL, "max_tokens": True}, "max_tokens"),  # strict JSON types
+    ("completions", {**CMPL, "seed": "5"}, "seed"),
 ] + [
     ("chat/completions", {**CHAT, name: value}, name) for name, value in [
         ("response_format", {"type": "json_object"}), ("tools", [{"type": "function",

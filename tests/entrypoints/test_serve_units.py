@@ -69,7 +69,10 @@ def test_chat_request_prefers_max_completion_tokens():
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         max_tokens=5, max_completion_tokens=9)
     assert req.effective_max_tokens == 9
-    assert req.messages[0].as_template_dict() == {"role": "user", "content": "ab"}
+    from engine.inputs import template_message
+
+    message = template_message(req.messages[0].model_dump(exclude_none=True))
+    assert message == {"role": "user", "content": "a\nb"}  # parts joined as chat joins them
 
 
 def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
