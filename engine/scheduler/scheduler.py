@@ -406,7 +406,12 @@ class Scheduler:
                                               runner_output, row_of.get(req_id))
             except Exception as exc:  # this request's bug; the batch goes on
                 logger.exception("Request %r failed in the scheduler update", req_id)
-                self.fail_request(req_id, f"{type(exc).__name__}: {exc}")
+                message = f"{type(exc).__name__}: {exc}"
+                if req_id in self.requests:
+                    self.fail_request(req_id, message)
+                else:  # it raised after its blocks were freed: still tell its client
+                    outputs.append(EngineCoreOutput(req_id, [], finish_reason=FinishReason.ERROR,
+                                                    error=message))
                 continue
             if output is not None:
                 outputs.append(output)

@@ -53,3 +53,23 @@ def test_an_exception_in_one_request_update_fails_it_and_not_the_batch(monkeypat
     assert len(result.tokens["bad"]) == 2  # the tokens sent before the failing update
     assert [len(result.tokens[r]) for r in ("a", "b")] == [5, 5]
     assert scheduler.kv_cache.num_free_blocks == 64 and not scheduler.requests
+
+
+def test_a_failure_after_the_blocks_were_freed_still_reaches_the_client(monkeypatch):
+    real = scheduler_module.Scheduler._update_request
+
+    def raising_after_release(self, request, *args):
+        output = real(self, request, *args)
+        if request.request_id == "bad" and request.is_finished:
+            raise RuntimeError("reporting exploded")
+        return output
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "_update_request", raising_after_release)
+    scheduler = make_scheduler()
+    for req_id in ("a", "bad"):
+        scheduler.add_request(make_request(req_id, [1, 2, 3], max_tokens=3))
+    result = run_to_completion(scheduler, FakeRunner(64, 4))
+    assert result.finished["bad"].finish_reason == FinishReason.ERROR
+    assert result.finished["bad"].error == "RuntimeError: reporting exploded"
+    assert result.finished["a"].finish_reason == FinishReason.LENGTH
+    assert scheduler.kv_cache.num_free_blocks == 64 and not scheduler.requests
