@@ -74,7 +74,6 @@ class Request:
         self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[int] = None
-        self.error: Optional[str] = None  # set with FINISHED_ERROR
         # Prefix-cache hit length when first scheduled; None until then.
         self.num_cached_tokens: Optional[int] = None
         self.first_scheduled_time: Optional[float] = None  # wall clock, set when admitted

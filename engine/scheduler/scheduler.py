@@ -457,7 +457,6 @@ class Scheduler:
             return
         logger.error("Request %r failed: %s", req_id, message)
         self.finish_requests(req_id, RequestStatus.FINISHED_ERROR)
-        request.error = message
         self._pending_outputs.append(EngineCoreOutput(
             req_id, [], finish_reason=FinishReason.ERROR, error=message,
             num_cached_tokens=request.num_cached_tokens or 0,
