@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
+
+# libgomp's threads spin 300,000 times waiting for work before they sleep. On a busy 2-core
+# machine (CI may be) a spinning thread burns the time slice its sibling needs: with two
+# CPU hogs beside it, tests/e2e/test_greedy_vs_hf.py took 198 s instead of 42 s idle. A
+# short spin keeps idle speed (SmolLM2 decode 28.0 ms/token, as with the default) and took
+# it to 87 s. Read when libgomp loads, so it must be set before torch is imported; the
+# servers and workers the tests start inherit it.
+if "torch" not in sys.modules:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 
 def smollm2_path() -> str:
