@@ -3,13 +3,16 @@
 Rule: `engine.engine_args.EngineArgs` is what a user writes; `EngineArgs.create_config()`
 resolves it against the model's own config into these parts (`ModelConfig`, `CacheConfig`,
 `SchedulerConfig`, `ParallelConfig`). Nothing mutates a config after that; a problem is an
-error. This module imports nothing of the engine, so every layer may read a config.
+error. This module imports nothing of the engine, so every layer may read a config;
+`EngineConfig.for_platform()` is the part a platform sees (`platforms.config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from platforms.config import ModelShape, PlatformConfig
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,26 @@ class EngineConfig:
     enforce_eager: bool
     max_logprobs: int
     parallel: ParallelConfig = ParallelConfig()
+
+    def for_platform(self) -> PlatformConfig:
+        """The settings the platform reads (after `resolve_for_platform` filled dtype and
+        max_num_seqs)."""
+        model, cache, sched, par = self.model, self.cache, self.scheduler, self.parallel
+        if model.dtype is None or sched.max_num_seqs is None:
+            raise ValueError("for_platform() needs a resolved config (dtype and max_num_seqs "
+                             "set; see engine.engine_core.core.resolve_for_platform).")
+        hf = model.hf_config
+        return PlatformConfig(
+            dtype=model.dtype,
+            model=ModelShape(num_layers=model.num_layers, hidden_size=hf.hidden_size,
+                             num_heads=hf.num_attention_heads, num_kv_heads=model.num_kv_heads,
+                             head_dim=model.head_dim, vocab_size=model.vocab_size),
+            block_size=cache.block_size, max_model_len=sched.max_model_len,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_num_seqs=sched.max_num_seqs, enforce_eager=self.enforce_eager,
+            kv_cache_memory=cache.kv_cache_memory,
+            gpu_memory_utilization=cache.gpu_memory_utilization,
+            tensor_parallel_size=par.tensor_parallel_size,
+            pipeline_parallel_size=par.pipeline_parallel_size,
+            data_parallel_size=par.data_parallel_size,
+        )

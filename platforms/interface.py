@@ -3,29 +3,34 @@
 Rule: the core asks capabilities, never identities. Everything device-specific (where
 tensors live, how much memory there is, how attention reads the paged KV cache, how a
 forward is captured, how ranks talk, which op implementations run) is answered by a
-`Platform` subclass that a plugin registers through the `engine_platforms` hook. Optional
-features are capability flags with safe defaults.
+`Platform` subclass that a plugin registers through the `engine_platforms` hook. What a
+platform can do is data (`Capabilities`); what it does is a method. This module holds the
+contract only: helpers a platform may build on live beside it (`platforms.device_module`,
+`platforms.communicator`, `platforms.events`, `platforms.buckets`,
+`platforms.static_attention`), and what the engine tells a platform is
+`platforms.config.PlatformConfig`.
 
-The concerns, each a small group of methods below:
+The concerns, each a small group of `Platform` members below:
 
-* discovery: `is_available()` (cheap, import-light), `priority`, `api_version`;
+* discovery: `name`, `device_type`, `priority`, `api_version`, `is_available()`;
+* what it can do: `capabilities` (dtypes, head sizes, capture, collectives backend, ...);
 * device and memory: `device`, `device_count`, `set_device`, `memory_info`, `synchronize`,
-  `seed_everything`, `make_generator`, `create_event`, `allocate_kv_cache`;
+  `reset_peak_memory`, `peak_memory_bytes`, `allocate_kv_cache`, `seed_everything`,
+  `make_generator`, `create_event`;
 * attention: `attention_backend(spec) -> AttentionBackend` (cache layout, metadata, forward);
-* capture: `graph_runner(forward, config) -> GraphRunner` (eager, graphs, XLA, static shapes);
+* capture: `graph_runner(forward, config, attention) -> GraphRunner` (eager, graphs, XLA);
 * scheduling: `scheduling_constraints(config)` (optional: the step shapes it can run);
-* collectives: `distributed_backend`, `communicator(group) -> Communicator`;
+* collectives: `communicator(group) -> Communicator`;
 * kernels: `kernel_overrides() -> list[KernelImpl]` (named ops, see `platforms.kernels`);
-* config: `resolve_dtype`, `kv_cache_bytes`, `validate(config) -> list[str]` (never mutates).
+* config: `resolve_dtype`, `validate(config) -> list[str]` (never mutates), `describe()`.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
@@ -33,25 +38,35 @@ import torch
 if TYPE_CHECKING:
     import torch.distributed
 
-    from engine.config import EngineConfig
+    from platforms.config import PlatformConfig
     from platforms.kernels import KernelImpl
     from platforms.scheduling import StaticBatching
 
-# Bumped whenever a method below changes meaning or signature. A plugin states the version
+# Bumped whenever a member below changes meaning or signature. A plugin states the version
 # it was written for in `Platform.api_version`; a mismatch is a clear error at selection.
-PLATFORM_API_VERSION = 2
+PLATFORM_API_VERSION = 3
 # Version history:
 #   1  first cut: device/memory, attention backend, compile_model.
 #   2  graph_runner replaces compile_model; communicator, kernel_overrides, create_event,
-#      supported_head_sizes and distributed_backend added.
-#   Optional additions within 2 (defaults keep older plugins working): scheduling_constraints
-#   (static-shape platforms), measures_peak_memory/reset_peak_memory/peak_memory_bytes,
-#   inference_context (the no-grad mode a step runs under; XLA needs no_grad),
-#   executes_asynchronously (async scheduling by default) with DeviceEvent.query,
-#   default_max_num_seqs, DeviceModulePlatform (a base for torch-style device modules),
-#   Communicator.all_reduce_add_rms_norm (all-reduce fused with residual add and RMSNorm),
-#   and ray_device_resource (what a rank reserves on Ray; before, the Ray executor compared
-#   device_type with "cpu", which gave a Spyre rank a CPU instead of its card).
+#      supported_head_sizes and distributed_backend added. Optional additions within 2:
+#      scheduling_constraints, measures_peak_memory/reset_peak_memory/peak_memory_bytes,
+#      inference_context, executes_asynchronously with DeviceEvent.query,
+#      default_max_num_seqs, DeviceModulePlatform, Communicator.all_reduce_add_rms_norm,
+#      ray_device_resource.
+#   3  * Methods that took the engine's whole EngineConfig (graph_runner, validate,
+#        scheduling_constraints, GraphRunner itself) take a `platforms.config.PlatformConfig`,
+#        the few settings a platform reads, so no plugin imports the engine.
+#      * graph_runner(forward, config, attention) is handed the attention backends every
+#        attention call of `forward` goes through (built by `attention_backend`), so a
+#        runner can cut its capture at attention without patching the model.
+#      * The capability flags (supports_graph_capture, supported_dtypes,
+#        supported_head_sizes, distributed_backend, supports_pinned_memory,
+#        executes_asynchronously, default_max_num_seqs, measures_peak_memory,
+#        ray_device_resource) and inference_context became fields of one `Capabilities`
+#        record (`capabilities`); kv_cache_bytes left the contract (the core's memory policy
+#        over memory_info and peak_memory_bytes).
+#      * TorchDistributedCommunicator, QueuedDeviceEvent and DeviceModulePlatform moved out
+#        of this module into platforms.communicator, .events and .device_module.
 
 
 @dataclass(frozen=True)
@@ -132,16 +147,23 @@ class GraphRunner:
     nearest captured size on its own and returns rows for the real tokens only, so padding
     never leaks into the core.
 
+    `attention` holds the platform's own attention backends (from `attention_backend`):
+    every attention call `forward` makes goes through one of them, so a runner that must
+    treat attention apart (capture the stretches between attention calls, run attention
+    eagerly) does it through objects its platform built, never by touching the model.
+
     Example (a runner that compiles once and runs every size)::
 
         class CompiledRunner(GraphRunner):
-            def __init__(self, forward, config):
-                super().__init__(torch.compile(forward, dynamic=True), config)
+            def __init__(self, forward, config, attention=()):
+                super().__init__(torch.compile(forward, dynamic=True), config, attention)
     """
 
-    def __init__(self, forward: ModelForward, config: EngineConfig) -> None:
+    def __init__(self, forward: ModelForward, config: PlatformConfig,
+                 attention: Sequence[AttentionBackend] = ()) -> None:
         self.forward = forward
         self.config = config
+        self.attention = tuple(attention)
         self.captured_sizes: tuple[int, ...] = ()
 
     def capture(self, make_batch: DummyBatchFactory) -> None:  # noqa: B027 (optional)
@@ -222,74 +244,6 @@ class Communicator(abc.ABC):
         """Release resources (the group itself belongs to whoever created it)."""
 
 
-class TorchDistributedCommunicator(Communicator):
-    """A communicator over a `torch.distributed` group (gloo, nccl, or any backend torch
-    knows): enough for most platforms, which then only name their backend."""
-
-    def __init__(self, group: torch.distributed.ProcessGroup) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        self._dist.all_reduce(out, group=self.group)
-        return out
-
-    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        self._dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
-
-    def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        if x.shape[dim] % self.world_size:
-            raise ValueError(
-                f"reduce_scatter needs dim {dim} ({x.shape[dim]}) divisible by the group size "
-                f"{self.world_size}."
-            )
-        # Sum everywhere, keep this rank's slice: correct on every backend, gloo included
-        # (which has no reduce_scatter); platforms with a native one override this.
-        total = self.all_reduce(x)
-        return total.chunk(self.world_size, dim=dim)[self.rank].contiguous()
-
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self._dist.broadcast(x, src=self._global[src], group=self.group)
-        return x
-
-    def send(self, x: torch.Tensor, dst: int) -> None:
-        self._dist.send(x.contiguous(), dst=self._global[dst], group=self.group)
-
-    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        self._dist.recv(x, src=self._global[src], group=self.group)
-        return x
-
-    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] % self.world_size:
-            raise ValueError(
-                f"all_to_all needs dim 0 ({x.shape[0]}) divisible by the group size "
-                f"{self.world_size}."
-            )
-        chunks = [c.contiguous() for c in x.chunk(self.world_size, dim=0)]
-        try:
-            out = [torch.empty_like(c) for c in chunks]
-            self._dist.all_to_all(out, chunks, group=self.group)
-        except RuntimeError:
-            # gloo has no all_to_all: every rank broadcasts its chunks in turn.
-            out = []
-            for j in range(self.world_size):
-                mine = self.all_gather(chunks[j].unsqueeze(0), dim=0)  # chunk j of every rank
-                if j == self.rank:
-                    out = list(mine.unbind(0))
-        return torch.cat(out, dim=0)
-
-    def barrier(self) -> None:
-        self._dist.barrier(group=self.group)
-
-
 class DeviceEvent:
     """A point in a device's work queue: record it, wait for it, time between two.
 
@@ -316,65 +270,74 @@ class DeviceEvent:
         return (end._t - self._t) * 1000.0
 
 
-class QueuedDeviceEvent(DeviceEvent):
-    """A DeviceEvent over a torch device module's own event class (`torch.cuda.Event`,
-    `torch.npu.Event`, ...), recorded on the current stream with timing on: queued devices
-    return one from `create_event` instead of writing their own wrapper.
+@dataclass(frozen=True)
+class Capabilities:
+    """What a platform can do, as data: the core reads it and `engine plugins` shows it.
+
+    A platform sets `capabilities = Capabilities(...)` on its class; every field has the
+    default of a plain synchronous device, so a new optional capability is a new field that
+    older plugins never need to name.
 
     Example::
 
-        def create_event(self):
-            return QueuedDeviceEvent(torch.cuda.Event)
+        capabilities = Capabilities(dtypes=(torch.bfloat16, torch.float32),
+                                    graph_capture="XLA programs per padded bucket",
+                                    distributed_backend="xla", ray_device_resource="TPU")
     """
 
-    def __init__(self, event_class: Callable[..., Any]) -> None:
-        super().__init__()
-        self._event = event_class(enable_timing=True)
-
-    def record(self) -> None:
-        self._event.record()
-
-    def synchronize(self) -> None:
-        self._event.synchronize()
-
-    def query(self) -> bool:
-        return bool(self._event.query())
-
-    def elapsed_ms(self, end: DeviceEvent) -> float:
-        if not isinstance(end, QueuedDeviceEvent):
-            raise TypeError(f"elapsed_ms needs another QueuedDeviceEvent, got {type(end).__name__}.")
-        return float(self._event.elapsed_time(end._event))
+    # Dtypes the platform runs (`--dtype` must be one; `resolve_dtype` picks among them).
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    # Attention head sizes its backend takes; None: any.
+    head_sizes: Optional[tuple[int, ...]] = None
+    # How `graph_runner` captures or compiles the forward, in a line for `engine plugins`;
+    # None: it runs eagerly.
+    graph_capture: Optional[str] = None
+    # torch.distributed backend its process groups are created with (see `communicator`).
+    distributed_backend: str = "gloo"
+    # The Ray resource one rank reserves ("GPU", "TPU", a custom name the cluster
+    # registers); None: the device is the host, a rank reserves one CPU.
+    ray_device_resource: Optional[str] = None
+    # Host memory can be page-locked (`pin_memory=True`) for asynchronous uploads.
+    pinned_memory: bool = False
+    # Work is queued: launches return before the device finishes and `create_event` gives
+    # events that wait for it. The engine core then schedules step N+1 while step N runs
+    # (async scheduling, unless --no-async-scheduling), hiding its host work.
+    executes_asynchronously: bool = False
+    # `peak_memory_bytes` measures something: the model runner then runs one full-size
+    # profiling step and sizes the KV cache as total x gpu_memory_utilization - peak
+    # (else free x gpu_memory_utilization - weights).
+    measures_peak_memory: bool = False
+    # KV-cache bytes when the user gives no --kv-cache-memory, for a device whose memory
+    # the host shares (CPU: 4 GiB), at most what the measured budget allows; None: the
+    # whole budget.
+    default_kv_cache_memory: Optional[int] = None
+    # Steps run under `torch.inference_mode()` (the cheapest no-grad mode); False: under
+    # `torch.no_grad()`, for tensors that cannot be inference tensors (torch_xla's
+    # functionalization rejects them).
+    inference_mode: bool = True
+    # Requests per step when the user sets no --max-num-seqs: a device that decodes a big
+    # batch at the cost of a small one wants more (decodes ride along with prefill chunks
+    # instead of waiting in waves).
+    default_max_num_seqs: int = 256
+    # Extra lines for `engine plugins` (attention kernel, kernel provider, ...).
+    notes: Mapping[str, str] = field(default_factory=dict)
 
 
 class Platform(abc.ABC):
-    """One kind of device. Subclasses are registered through the `engine_platforms` hook."""
+    """One kind of device. Subclasses are registered through the `engine_platforms` hook.
 
-    name: ClassVar[str]
-    device_type: ClassVar[str]  # torch device type, e.g. "cpu"
-    priority: ClassVar[int] = 0  # highest available wins
-    api_version: ClassVar[int] = PLATFORM_API_VERSION
+    Members (the conformance kit, `platforms.testing`, names each): the class attributes
+    `name`, `device_type`, `priority`, `api_version`, `capabilities`; `is_available`; the
+    device and memory methods; the factories (`attention_backend`, `graph_runner`,
+    `communicator`, `kernel_overrides`); `scheduling_constraints`, `resolve_dtype`,
+    `validate` and `describe`.
+    """
 
-    # Capability flags (optional features default to off).
-    supports_graph_capture: ClassVar[bool] = False
-    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
-    supported_head_sizes: ClassVar[Optional[tuple[int, ...]]] = None  # None: any
-    distributed_backend: ClassVar[str] = "gloo"  # torch.distributed backend for its groups
-    # Host memory can be page-locked (`pin_memory=True`) for asynchronous uploads to the device.
-    supports_pinned_memory: ClassVar[bool] = False
-    # Work is queued: launches return before the device finishes, and `create_event` gives
-    # events that wait for it. The engine core then schedules step N+1 while step N runs
-    # (async scheduling, unless --no-async-scheduling), hiding its host work.
-    executes_asynchronously: ClassVar[bool] = False
-    # Requests per step when the user sets no --max-num-seqs: a device that decodes a big
-    # batch at the cost of a small one wants more (throughput: decodes ride along with
-    # prefill chunks instead of waiting in waves).
-    default_max_num_seqs: ClassVar[int] = 256
-    # True when `peak_memory_bytes` measures something: the model runner then runs one
-    # full-size profiling step before sizing the KV cache (see `kv_cache_bytes`).
-    measures_peak_memory: ClassVar[bool] = False
-    # The Ray resource one rank of this platform reserves ("GPU", "TPU", a custom name the
-    # cluster registers); None: the device is the host, a rank reserves one CPU.
-    ray_device_resource: ClassVar[Optional[str]] = None
+    name: ClassVar[str]  # what --device and `engine plugins` call it
+    device_type: ClassVar[str]  # torch device type of its tensors, e.g. "cpu", "cuda"
+    priority: ClassVar[int] = 0  # among available platforms, the highest wins
+    api_version: ClassVar[int] = PLATFORM_API_VERSION  # the contract version it was written for
+    capabilities: ClassVar[Capabilities] = Capabilities()  # what it can do (see Capabilities)
 
     @classmethod
     @abc.abstractmethod
@@ -383,9 +346,11 @@ class Platform(abc.ABC):
 
     # ---- device & memory ----
     def device(self, local_rank: int = 0) -> torch.device:
+        """The device the rank with this node-local index runs on."""
         return torch.device(self.device_type)
 
     def device_count(self) -> int:
+        """Devices visible to this process (ranks per node at most)."""
         return 1
 
     def set_device(self, device: torch.device) -> None:  # noqa: B027 (optional hook)
@@ -402,7 +367,7 @@ class Platform(abc.ABC):
         """Start a new peak-memory measurement (see `peak_memory_bytes`).
 
         The model runner calls it right before its profiling step when
-        `measures_peak_memory` is True. Example (CUDA)::
+        `capabilities.measures_peak_memory`. Example (CUDA)::
 
             def reset_peak_memory(self):
                 torch.cuda.reset_peak_memory_stats()
@@ -419,18 +384,6 @@ class Platform(abc.ABC):
         """
         return 0
 
-    def inference_context(self) -> contextlib.AbstractContextManager[Any]:
-        """The no-grad mode the model runner runs each step (and capture) under.
-
-        Default `torch.inference_mode()`, the cheapest. A platform whose tensors cannot be
-        inference tensors returns `torch.no_grad()`. Example (torch_xla, whose
-        functionalization rejects inference tensors)::
-
-            def inference_context(self):
-                return torch.no_grad()
-        """
-        return torch.inference_mode()
-
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
@@ -439,6 +392,7 @@ class Platform(abc.ABC):
         return torch.zeros(shape, dtype=dtype, device=device)
 
     def seed_everything(self, seed: int) -> None:
+        """Seed every random generator a step may draw from (host and device)."""
         torch.manual_seed(seed)
 
     def create_event(self) -> DeviceEvent:
@@ -454,31 +408,22 @@ class Platform(abc.ABC):
     # ---- config ----
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """dtype for `dtype="auto"`: the model's, or the closest this platform runs well."""
-        return model_dtype if model_dtype in self.supported_dtypes else self.supported_dtypes[0]
+        dtypes = self.capabilities.dtypes
+        return model_dtype if model_dtype in dtypes else dtypes[0]
 
-    def kv_cache_bytes(self, config: EngineConfig, model_bytes: int) -> int:
-        """How many bytes the KV cache may take, given the measured free memory.
-
-        Called after the model is loaded and, where `measures_peak_memory`, right after the
-        profiling step, so `peak_memory_bytes()` holds the peak of a full-size step."""
-        if config.cache.kv_cache_memory is not None:
-            return config.cache.kv_cache_memory
-        free, _ = self.memory_info()
-        return int(free * config.cache.gpu_memory_utilization) - model_bytes
-
-    def validate(self, config: EngineConfig) -> list[str]:
-        """Problems with running `config` here; never changes it."""
-        problems = []
-        dtype = config.model.dtype
-        if dtype not in self.supported_dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes)
+    def validate(self, config: PlatformConfig) -> list[str]:
+        """Problems with running `config` here, each a sentence naming the flag to change;
+        never changes it."""
+        caps, problems = self.capabilities, []
+        if config.dtype not in caps.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
             problems.append(
-                f"dtype {str(dtype).removeprefix('torch.')} is not supported on {self.name} "
-                f"(supported: {names}); pass --dtype with one of them."
+                f"dtype {str(config.dtype).removeprefix('torch.')} is not supported on "
+                f"{self.name} (supported: {names}); pass --dtype with one of them."
             )
         head_size = config.model.head_dim
-        if self.supported_head_sizes is not None and head_size not in self.supported_head_sizes:
-            sizes = ", ".join(map(str, self.supported_head_sizes))
+        if caps.head_sizes is not None and head_size not in caps.head_sizes:
+            sizes = ", ".join(map(str, caps.head_sizes))
             problems.append(
                 f"head size {head_size} is not supported by {self.name}'s attention "
                 f"(supported: {sizes}); run the model on another platform with --device."
@@ -490,11 +435,15 @@ class Platform(abc.ABC):
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         """The attention backend for layers of this spec."""
 
-    def graph_runner(self, forward: ModelForward, config: EngineConfig) -> GraphRunner:
-        """How the model forward is compiled/captured and replayed (base: eager)."""
-        return GraphRunner(forward, config)
+    def graph_runner(self, forward: ModelForward, config: PlatformConfig,
+                     attention: Sequence[AttentionBackend] = ()) -> GraphRunner:
+        """How the model forward is compiled/captured and replayed (base: eager).
 
-    def scheduling_constraints(self, config: EngineConfig) -> Optional[StaticBatching]:
+        `attention` are the backends this platform's `attention_backend` built for the
+        model, through which every attention call of `forward` goes (see `GraphRunner`)."""
+        return GraphRunner(forward, config, attention)
+
+    def scheduling_constraints(self, config: PlatformConfig) -> Optional[StaticBatching]:
         """Which steps this platform can run, for the scheduler (optional; None: any step).
 
         A platform that runs only shapes it compiled at warm-up returns them, and the
@@ -510,7 +459,9 @@ class Platform(abc.ABC):
 
     def communicator(self, group: torch.distributed.ProcessGroup) -> Communicator:
         """Collectives over `group`, a torch.distributed group created with
-        `distributed_backend`."""
+        `capabilities.distributed_backend`."""
+        from platforms.communicator import TorchDistributedCommunicator
+
         return TorchDistributedCommunicator(group)
 
     def kernel_overrides(self) -> list[KernelImpl]:
@@ -518,60 +469,21 @@ class Platform(abc.ABC):
         return []
 
     def describe(self) -> dict[str, Optional[str]]:
-        """What `engine plugins` shows about this platform."""
-        return {
+        """What `engine plugins` shows about this platform: its capabilities, then
+        `capabilities.notes` (a "kernels" note stands in for asking `kernel_overrides`).
+        Cheap (asked at discovery, device or not): override to add
+        what only a running system knows (a driver version, the cards' names)."""
+        caps = self.capabilities
+        info: dict[str, Optional[str]] = {
             "device_type": self.device_type,
             "priority": str(self.priority),
-            "graph_capture": str(self.supports_graph_capture),
-            "dtypes": ", ".join(str(d).removeprefix("torch.") for d in self.supported_dtypes),
-            "head_sizes": (", ".join(map(str, self.supported_head_sizes))
-                           if self.supported_head_sizes else "any"),
-            "collectives": self.distributed_backend,
-            "kernels": ", ".join(sorted({k.name for k in self.kernel_overrides()})) or "reference",
+            "graph_capture": caps.graph_capture or "none (eager)",
+            "dtypes": ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes),
+            "head_sizes": ", ".join(map(str, caps.head_sizes)) if caps.head_sizes else "any",
+            "collectives": caps.distributed_backend,
         }
-
-
-class DeviceModulePlatform(Platform):
-    """A platform driven through a torch-style device module (`torch.cuda`, `torch.npu`,
-    `habana_frameworks.torch.hpu`, ...): device count and selection, free/total memory,
-    synchronize, peak-memory statistics and events all come from `device_module()`, so a
-    vendor writes those once here instead of once per plugin. Override what a module lacks.
-
-    Example::
-
-        class MyPlatform(DeviceModulePlatform):
-            name, device_type = "my", "mydev"
-
-            def device_module(self):
-                import my_torch_ext  # noqa: F401  (adds torch.mydev)
-                return torch.mydev
-    """
-
-    @abc.abstractmethod
-    def device_module(self) -> Any:
-        """The module; imported on first use, never at discovery."""
-
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device(self.device_type, local_rank)
-
-    def device_count(self) -> int:
-        return int(self.device_module().device_count())
-
-    def set_device(self, device: torch.device) -> None:
-        self.device_module().set_device(device)
-
-    def memory_info(self) -> tuple[int, int]:
-        free, total = self.device_module().mem_get_info()
-        return int(free), int(total)
-
-    def synchronize(self) -> None:
-        self.device_module().synchronize()
-
-    def reset_peak_memory(self) -> None:
-        self.device_module().reset_peak_memory_stats()
-
-    def peak_memory_bytes(self) -> int:
-        return int(self.device_module().max_memory_reserved())
-
-    def create_event(self) -> DeviceEvent:
-        return QueuedDeviceEvent(self.device_module().Event)
+        if "kernels" not in caps.notes:  # a platform whose kernels import heavily names them
+            info["kernels"] = ", ".join(sorted({k.name for k in self.kernel_overrides()}
+                                               )) or "reference"
+        info.update(caps.notes)
+        return info

@@ -128,3 +128,39 @@ def test_a_planted_upward_import_is_caught():
     # Annotations only do not count.
     typed = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from engine.engine_core.core import X\n"
     assert not violations({"engine.scheduler.typed": typed})
+
+
+# ---- the contract and the plugins stand apart from the engine ----
+def engine_imports(source: str) -> list[str]:
+    """Every import of `engine` or `engine.*` in `source`, annotations-only ones included:
+    what a platform reads of the engine is `platforms.config`, so even a type is not needed."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                 else [])
+        found.extend(n for n in names if n == "engine" or n.startswith("engine."))
+    return found
+
+
+def _contract_and_plugin_sources() -> dict[str, str]:
+    files = [*(REPO / "platforms").rglob("*.py"),
+             *(p for pkg in (REPO / "plugins").glob("*/engine_*") for p in pkg.rglob("*.py"))]
+    return {str(p.relative_to(REPO)): p.read_text(encoding="utf-8") for p in files}
+
+
+def test_the_contract_and_the_plugins_import_nothing_of_the_engine():
+    sources = _contract_and_plugin_sources()
+    assert any(path.startswith("plugins/cuda/engine_cuda/") for path in sources)
+    problems = [f"{path}: {name}" for path, text in sorted(sources.items())
+                for name in engine_imports(text)]
+    assert not problems, "engine imports in platforms/ or a plugin:\n" + "\n".join(problems)
+
+
+def test_a_planted_engine_import_in_a_plugin_is_caught():
+    assert engine_imports("def f():\n    from engine.models.layers.attention import Attention\n"
+                          ) == ["engine.models.layers.attention"]
+    assert engine_imports("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                          "    from engine.config import EngineConfig\n") == ["engine.config"]
+    assert engine_imports("import engine\n") == ["engine"]
+    assert engine_imports("import engine_cuda.ops\nfrom platforms import interface\n") == []

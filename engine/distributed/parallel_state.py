@@ -113,7 +113,7 @@ class ParallelGroups:
             )
         self.layout, self.rank = layout, rank
         dist.init_process_group(
-            backend=platform.distributed_backend, init_method=init_method, rank=rank,
+            backend=platform.capabilities.distributed_backend, init_method=init_method, rank=rank,
             world_size=layout.world_size, timeout=datetime.timedelta(seconds=timeout_s),
         )
         pp_rank, tp_rank = layout.coords(rank)

@@ -36,8 +36,8 @@ def resolve_for_platform(config: EngineConfig, platform) -> EngineConfig:
         config = dataclasses.replace(config, model=model)
     if config.scheduler.max_num_seqs is None:
         config = dataclasses.replace(config, scheduler=dataclasses.replace(
-            config.scheduler, max_num_seqs=platform.default_max_num_seqs))
-    problems = platform.validate(config)
+            config.scheduler, max_num_seqs=platform.capabilities.default_max_num_seqs))
+    problems = platform.validate(config.for_platform())
     if problems:
         raise ValueError("Configuration problems on " + platform.name + ":\n  " +
                          "\n  ".join(problems))
@@ -72,7 +72,7 @@ def use_async_scheduling(config: EngineConfig, platform, executor,
         raise ValueError("--async-scheduling is not possible here: " + "; ".join(reasons) +
                          ". Drop the flag.")
     if asked is None:
-        return not reasons and platform.executes_asynchronously
+        return not reasons and platform.capabilities.executes_asynchronously
     return asked
 
 
@@ -97,7 +97,7 @@ class EngineCore:
 
         self.num_blocks = num_blocks
         depth = self.executor.max_concurrent_batches
-        constraints = self.platform.scheduling_constraints(config)
+        constraints = self.platform.scheduling_constraints(config.for_platform())
         self.async_scheduling = use_async_scheduling(config, self.platform, self.executor,
                                                      constraints)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, constraints,

@@ -40,7 +40,7 @@ _POLL_S = 0.1  # how often a waiting executor looks at every pending call
 # does not fit, forever by default); ENGINE_RAY_PLACEMENT_TIMEOUT_S overrides it.
 _PLACEMENT_TIMEOUT_S = 60.0
 # Clusters that register their devices under another name than the platform's
-# `ray_device_resource` set this (e.g. to a custom resource).
+# `capabilities.ray_device_resource` set this (e.g. to a custom resource).
 _RESOURCE_ENV = "ENGINE_RAY_DEVICE_RESOURCE"
 _SHUTDOWN_GRACE_S = 5.0
 # After one rank raises, how long to wait for a peer's death to explain it.
@@ -62,7 +62,7 @@ def import_ray() -> Any:
 def device_resource(platform: Platform) -> Optional[str]:
     """The Ray resource one rank reserves (the platform's, or ENGINE_RAY_DEVICE_RESOURCE);
     None: the device is the host and a rank takes one CPU."""
-    return os.environ.get(_RESOURCE_ENV) or platform.ray_device_resource
+    return os.environ.get(_RESOURCE_ENV) or platform.capabilities.ray_device_resource
 
 
 def rank_bundle(platform: Platform) -> dict[str, float]:

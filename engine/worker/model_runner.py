@@ -11,6 +11,7 @@ memory, bind caches, warm up (and capture).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Optional
 
@@ -37,6 +38,33 @@ from platforms.util import cdiv
 logger = logging.getLogger(__name__)
 
 
+def kv_cache_budget(platform: Platform, kv_cache_memory: Optional[int], utilization: float,
+                    model_bytes: int) -> int:
+    """Bytes the KV cache may take: what the user gave (--kv-cache-memory); else the
+    measured budget, capped at `capabilities.default_kv_cache_memory` where one is set.
+    Where the platform measures its peak, the budget is total x utilization - the profiling
+    step's peak (which holds the weights, activations and the runtime's own memory); else
+    free x utilization - the weights (on a device that cannot say what a step takes, the
+    weights count twice, once in `free` and once here: the safe side)."""
+    if kv_cache_memory is not None:
+        return kv_cache_memory
+    caps = platform.capabilities
+    free, total = platform.memory_info()
+    if caps.measures_peak_memory:
+        budget = int(total * utilization) - platform.peak_memory_bytes()
+    else:
+        budget = int(free * utilization) - model_bytes
+    if caps.default_kv_cache_memory is not None:
+        budget = min(budget, caps.default_kv_cache_memory)
+    return budget
+
+
+def step_grad_mode(platform: Platform) -> contextlib.AbstractContextManager[Any]:
+    """The no-grad mode a step (and capture) runs under: inference_mode, the cheapest, or
+    no_grad where the platform's tensors cannot be inference tensors."""
+    return torch.inference_mode() if platform.capabilities.inference_mode else torch.no_grad()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, platform: Platform,
                  parallel: ParallelContext = SINGLE, local_rank: int = 0) -> None:
@@ -58,7 +86,7 @@ class ModelRunner:
         )
         self.attn_backend = platform.attention_backend(self.attn_spec)
         self.input_batch = InputBatch(config.cache.block_size, self.device,
-                                      pin_memory=platform.supports_pinned_memory,
+                                      pin_memory=platform.capabilities.pinned_memory,
                                       vocab_size=model_config.vocab_size)
         self.sampler = Sampler()
         self.model: Optional[torch.nn.Module] = None
@@ -74,7 +102,8 @@ class ModelRunner:
         self.kernels = kernel_table(self.platform)
         with use_kernels(self.kernels), use_parallel(self.parallel):
             self.model = load_model(self.config.model, self.attn_backend, self.device, self.dtype)
-        self.forward = self.platform.graph_runner(self.model.forward, self.config)
+        self.forward = self.platform.graph_runner(self.model.forward, self.config.for_platform(),
+                                                  (self.attn_backend,))
 
     @property
     def model_bytes(self) -> int:
@@ -91,12 +120,14 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        if cache.kv_cache_memory is None and self.platform.measures_peak_memory:
+        measured = self.platform.capabilities.measures_peak_memory
+        if cache.kv_cache_memory is None and measured:
             self.platform.reset_peak_memory()
             self.profile_run()
             logger.info("Profiling step: peak device memory %.2f GiB",
                         self.platform.peak_memory_bytes() / 2**30)
-        budget = self.platform.kv_cache_bytes(self.config, self.model_bytes)
+        budget = kv_cache_budget(self.platform, cache.kv_cache_memory,
+                                 cache.gpu_memory_utilization, self.model_bytes)
         num_blocks = budget // self.bytes_per_block
         if num_blocks < 1:
             raise ValueError(
@@ -161,7 +192,7 @@ class ModelRunner:
     def execute_model_async(self, out: SchedulerOutput) -> StepHandle:
         """Launch one step; the handle's `result()` waits for its sampled tokens. The next
         step may be launched before that: its decodes read those tokens on the device."""
-        with self.platform.inference_context():
+        with step_grad_mode(self.platform):
             return self._dispatch(out)
 
     def _dispatch(self, out: SchedulerOutput) -> StepHandle:
@@ -194,7 +225,8 @@ class ModelRunner:
         """Start copying the step's results to the host: (sampled ids, logprobs, prompt
         logprobs, event to wait on before reading them). A device that runs asynchronously
         copies into page-locked memory without waiting; others copy now (event None)."""
-        pin = self.platform.executes_asynchronously and self.platform.supports_pinned_memory
+        caps = self.platform.capabilities
+        pin = caps.executes_asynchronously and caps.pinned_memory
         host = None
         if sampled is not None and pin:
             host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
@@ -238,7 +270,7 @@ class ModelRunner:
                 )
             )
         meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device,
-                                      pin_memory=self.platform.supports_pinned_memory)
+                                      pin_memory=self.platform.capabilities.pinned_memory)
         result = self.sampler(logits, meta)
         return result.sampled, result.logprob_tensors, result.num_logprobs
 
@@ -263,7 +295,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[row0 : row0 + end - start])
             targets = torch.as_tensor(state.prompt_token_ids[start + 1 : end + 1],
                                       dtype=torch.long)
-            if self.platform.supports_pinned_memory:  # a blocking upload waits for the step
+            if self.platform.capabilities.pinned_memory:  # a blocking upload waits for the step
                 targets = targets.pin_memory()
             targets = targets.to(logits.device, non_blocking=True)
             result[req_id] = logprob_tensors(logits, targets, k)
@@ -285,7 +317,7 @@ class ModelRunner:
         self.input_batch.update(
             SchedulerOutput([], [], {}, 0, finished_req_ids={req.req_id})
         )
-        with self.platform.inference_context():
+        with step_grad_mode(self.platform):
             self.forward.capture(self.dummy_decode_batch)
         self.platform.synchronize()
 

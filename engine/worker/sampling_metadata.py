@@ -146,7 +146,7 @@ class SamplingMetadata:
         pin_memory: bool = False,
     ) -> SamplingMetadata:
         """`pin_memory`: upload through page-locked memory without waiting (the platform's
-        `supports_pinned_memory`)."""
+        `capabilities.pinned_memory`)."""
         to = _Target(device, pin_memory)
         params = [r.params for r in rows]
         for p in params:

@@ -12,18 +12,19 @@ import torch
 
 from platforms.cpu.attention import CpuAttentionBackend
 from platforms.cpu.ops import native_kernel_overrides
-from platforms.interface import AttentionBackend, AttentionSpec, Platform
+from platforms.interface import AttentionBackend, AttentionSpec, Capabilities, Platform
 from platforms.kernels import KernelImpl
-
-# KV cache taken by default when neither kv_cache_memory nor num_kv_blocks is given.
-_DEFAULT_KV_CACHE_BYTES = 4 * 1024**3
 
 
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     priority = 0  # lowest: any accelerator wins
-    supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    capabilities = Capabilities(
+        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+        # The host's memory is everybody's: take 4 GiB unless told (--kv-cache-memory).
+        default_kv_cache_memory=4 * 1024**3,
+    )
 
     @classmethod
     def is_available(cls) -> bool:
@@ -37,12 +38,6 @@ class CpuPlatform(Platform):
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         # Half-precision matmuls are slow or missing on most CPUs; compute in float32.
         return torch.float32
-
-    def kv_cache_bytes(self, config, model_bytes: int) -> int:  # type: ignore[override]
-        if config.cache.kv_cache_memory is not None:
-            return config.cache.kv_cache_memory
-        free, _ = self.memory_info()
-        return min(_DEFAULT_KV_CACHE_BYTES, int(free * 0.5))
 
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device

@@ -1,6 +1,7 @@
 """Conformance kit: checks any platform plugin runs against itself from its own tests.
 
-Rule: each check takes a `Platform` instance, uses only the public contract, and raises
+Rule: each check takes a `Platform` instance, uses only the public contract (nothing of the
+engine: `platforms` is all it imports), and raises
 AssertionError with the numbers on a failure, so it drops into any pytest test:
 
     from platforms.testing import ATTENTION_CASES, check_attention_against_reference
@@ -17,8 +18,14 @@ from platforms.testing.attention import (
     check_attention_against_reference,
 )
 from platforms.testing.communicator import check_communicator
+from platforms.testing.contract import check_contract
 from platforms.testing.device import check_device, check_events, check_memory_info
-from platforms.testing.graph import DEFAULT_BATCHES, check_graph_runner, write_tiny_llama
+from platforms.testing.graph import (
+    DEFAULT_BATCHES,
+    check_graph_runner,
+    make_platform_config,
+    write_tiny_llama,
+)
 from platforms.testing.install import install_plugin_into_fresh_env
 from platforms.testing.kernels import check_kernel_overrides
 
@@ -29,11 +36,13 @@ __all__ = [
     "check_attention_against_reference",
     "DEFAULT_BATCHES",
     "check_communicator",
+    "check_contract",
     "check_device",
     "check_events",
     "check_graph_runner",
     "check_kernel_overrides",
     "check_memory_info",
     "install_plugin_into_fresh_env",
+    "make_platform_config",
     "write_tiny_llama",
 ]

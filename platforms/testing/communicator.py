@@ -2,8 +2,8 @@
 real processes.
 
 Rule: `world_size` processes are spawned, each joins a fresh `torch.distributed` group on
-127.0.0.1 with the platform's `distributed_backend`, wraps it with `platform.communicator`,
-and checks every collective against values it can compute alone. Failures come back to the
+127.0.0.1 with the platform's `capabilities.distributed_backend`, wraps it with
+`platform.communicator`, and checks every collective against values it can compute alone. Failures come back to the
 parent as text; a hung collective is a timeout, not a hang.
 """
 
@@ -71,7 +71,8 @@ def _rank_main(rank: int, platform_cls: type[Platform], world: int, port: int,
         platform = platform_cls()
         device = platform.device(rank % platform.device_count())
         platform.set_device(device)
-        dist.init_process_group(platform.distributed_backend, init_method=f"tcp://127.0.0.1:{port}",
+        dist.init_process_group(platform.capabilities.distributed_backend,
+                                init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, timeout=timedelta(seconds=60))
         comm = platform.communicator(dist.group.WORLD)
         assert (comm.rank, comm.world_size) == (rank, world), (comm.rank, comm.world_size)

@@ -1,5 +1,7 @@
-"""What a rank reserves on Ray comes from the platform's `ray_device_resource`, not from
-comparing device types (a Spyre rank has host tensors but needs its card)."""
+"""What a rank reserves on Ray comes from the platform's `capabilities.ray_device_resource`,
+not from comparing device types (a Spyre rank has host tensors but needs its card)."""
+
+import dataclasses
 
 from engine.executor.ray import _actor_options, rank_bundle
 from platforms.cpu.platform import CpuPlatform
@@ -7,13 +9,13 @@ from platforms.cpu.platform import CpuPlatform
 
 class _CardOnHostTensors(CpuPlatform):
     name = "cardlike"
-    ray_device_resource = "spyre"
+    capabilities = dataclasses.replace(CpuPlatform.capabilities, ray_device_resource="spyre")
 
 
 class _Gpu(CpuPlatform):
     name = "gpulike"
     device_type = "cuda"
-    ray_device_resource = "GPU"
+    capabilities = dataclasses.replace(CpuPlatform.capabilities, ray_device_resource="GPU")
 
 
 def test_each_platform_reserves_its_own_resource(monkeypatch):
@@ -38,4 +40,4 @@ def test_every_shipped_accelerator_plugin_names_a_resource():
                         ("engine_gaudi.platform", "GaudiPlatform"),
                         ("engine_spyre.platform", "SpyrePlatform")]:
         platform_cls = getattr(importlib.import_module(module), cls)
-        assert platform_cls.ray_device_resource, module
+        assert platform_cls.capabilities.ray_device_resource, module

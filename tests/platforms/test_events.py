@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from platforms.interface import DeviceEvent, QueuedDeviceEvent
+from platforms.events import QueuedDeviceEvent
+from platforms.interface import DeviceEvent
 
 
 class HostClockEvent:

@@ -1,14 +1,16 @@
-"""`Platform.inference_context`: the no-grad mode the model runner steps under. The default is
-`torch.inference_mode()`; a platform that returns `torch.no_grad()` (torch_xla needs it) gets
-every step, warm-up and capture run under it (sampling included) and generates normally."""
+"""`Capabilities.inference_mode`: the no-grad mode the model runner steps under. The default
+is `torch.inference_mode()`; a platform that sets it False (torch_xla needs it) gets every
+step, warm-up and capture run under `torch.no_grad()` (sampling included) and generates
+normally."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 
 import torch
 
 from engine import LLM, SamplingParams
+from engine.worker.model_runner import step_grad_mode
 from platforms import registry
 from platforms.cpu.platform import CpuPlatform
 from platforms.hookspecs import hookimpl
@@ -36,11 +38,10 @@ class NoGradCpuPlatform(CpuPlatform):
     name = "nograd_cpu"
     priority = -1  # never chosen unless asked for
 
-    def inference_context(self) -> contextlib.AbstractContextManager:
-        return torch.no_grad()
+    capabilities = dataclasses.replace(CpuPlatform.capabilities, inference_mode=False)
 
-    def graph_runner(self, forward, config):
-        return _RecordingRunner(forward, config)
+    def graph_runner(self, forward, config, attention=()):
+        return _RecordingRunner(forward, config, attention)
 
 
 class _Plugin:
@@ -55,8 +56,10 @@ def _generate(model: str, device: str) -> list[list[int]]:
 
 
 def test_default_is_inference_mode():
-    with CpuPlatform().inference_context():
+    with step_grad_mode(CpuPlatform()):
         assert torch.is_inference_mode_enabled()
+    with step_grad_mode(NoGradCpuPlatform()):
+        assert not torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
 
 
 def test_a_platform_choosing_no_grad_steps_under_it(smollm2):

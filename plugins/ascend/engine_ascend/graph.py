@@ -16,14 +16,16 @@ until that is checked on a card.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from engine_ascend.attention import AscendAttentionMetadata
-from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
-from platforms.util import cdiv
+from platforms.interface import AttentionBackend, DummyBatchFactory, GraphRunner, ModelForward
+
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
 
 _REFILLED = ("slot_mapping", "block_table", "seq_lens")
 
@@ -69,12 +71,13 @@ def capture_sizes(max_num_seqs: int, limit: int = 128) -> tuple[int, ...]:
 
 
 class AclGraphRunner(GraphRunner):
-    def __init__(self, forward: ModelForward, config, make_graph=EagerReplay) -> None:
-        super().__init__(forward, config)
+    def __init__(self, forward: ModelForward, config: PlatformConfig,
+                 attention: Sequence[AttentionBackend] = (), *, make_graph=EagerReplay) -> None:
+        super().__init__(forward, config, attention)
         self.make_graph = make_graph
-        self.captured_sizes = capture_sizes(config.scheduler.max_num_seqs)
+        self.captured_sizes = capture_sizes(config.max_num_seqs)
         self.graphs: dict[int, _Captured] = {}
-        self.max_blocks = cdiv(config.scheduler.max_model_len, config.cache.block_size)
+        self.max_blocks = config.max_blocks_per_req
 
     def capture(self, make_batch: DummyBatchFactory) -> None:
         for size in reversed(self.captured_sizes):

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from platforms.communicator import TorchDistributedCommunicator
+from platforms.device_module import DeviceModulePlatform
 from platforms.interface import (
     AttentionBackend,
     AttentionSpec,
+    Capabilities,
     Communicator,
-    DeviceModulePlatform,
+    GraphRunner,
     ModelForward,
-    TorchDistributedCommunicator,
 )
 from platforms.kernels import KernelImpl
+
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
 
 ACL_GRAPH_ENV = "ENGINE_ASCEND_ACL_GRAPH"
 BLOCK_ALIGN = 16  # the paged fused ops take block sizes in multiples of 16
@@ -45,7 +51,6 @@ def _npu():
     return torch.npu
 
 
-
 class HcclCommunicator(TorchDistributedCommunicator):
     """torch.distributed over HCCL (the backend torch_npu registers on import)."""
 
@@ -57,12 +62,16 @@ class HcclCommunicator(TorchDistributedCommunicator):
 class AscendPlatform(DeviceModulePlatform):
     name = "ascend"
     device_type = "npu"
-    ray_device_resource = "NPU"  # what Ray detects on an Ascend host
     priority = 80
-    supports_graph_capture = True
-    supported_dtypes = (torch.bfloat16, torch.float16)
-    distributed_backend = "hccl"
-    measures_peak_memory = True
+    capabilities = Capabilities(
+        dtypes=(torch.bfloat16, torch.float16),
+        graph_capture=f"ACL graphs for decode batches (opt-in: {ACL_GRAPH_ENV}=1); eager otherwise",
+        distributed_backend="hccl",
+        ray_device_resource="NPU",  # what Ray detects on an Ascend host
+        measures_peak_memory=True,
+        notes={"attention": "torch_npu fused infer attention (TND) / paged decode over a "
+                            "block cache"},
+    )
 
     @classmethod
     def is_available(cls) -> bool:
@@ -73,9 +82,9 @@ class AscendPlatform(DeviceModulePlatform):
         return _npu()
 
     # ---- config ----
-    def validate(self, config) -> list[str]:
+    def validate(self, config: PlatformConfig) -> list[str]:
         problems = super().validate(config)
-        block_size = config.cache.block_size
+        block_size = config.block_size
         if block_size % BLOCK_ALIGN:
             problems.append(
                 f"block size {block_size} is not a multiple of {BLOCK_ALIGN}, which the "
@@ -84,7 +93,7 @@ class AscendPlatform(DeviceModulePlatform):
         return problems
 
     @staticmethod
-    def acl_graphs_enabled(config) -> bool:
+    def acl_graphs_enabled(config: PlatformConfig) -> bool:
         return (not config.enforce_eager
                 and os.environ.get(ACL_GRAPH_ENV, "") not in ("", "0"))
 
@@ -94,13 +103,13 @@ class AscendPlatform(DeviceModulePlatform):
 
         return AscendAttentionBackend(spec)
 
-    def graph_runner(self, forward: ModelForward, config):
+    def graph_runner(self, forward: ModelForward, config: PlatformConfig,
+                     attention: Sequence[AttentionBackend] = ()) -> GraphRunner:
         from engine_ascend.graph import AclGraphRunner, NpuGraph
-        from platforms.interface import GraphRunner
 
         if not self.acl_graphs_enabled(config):
-            return GraphRunner(forward, config)
-        return AclGraphRunner(forward, config, make_graph=NpuGraph)
+            return GraphRunner(forward, config, attention)
+        return AclGraphRunner(forward, config, attention, make_graph=NpuGraph)
 
     def communicator(self, group) -> Communicator:
         return HcclCommunicator(group)
@@ -112,10 +121,5 @@ class AscendPlatform(DeviceModulePlatform):
 
     def describe(self) -> dict[str, Optional[str]]:
         info = super().describe()
-        info.update({
-            "graph_capture": (f"ACL graphs for decode batches (opt-in: {ACL_GRAPH_ENV}=1); "
-                              "eager otherwise"),
-            "attention": "torch_npu fused infer attention (TND) / paged decode over a block cache",
-            "kernels": info["kernels"] + " (torch_npu)",
-        })
+        info["kernels"] = str(info["kernels"]) + " (torch_npu)"
         return info

@@ -5,10 +5,9 @@ meaning (tests/npu_emulation.py); the hardware parts skipped with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from platforms.testing import (
     check_attention_against_reference,
     check_graph_runner,
     check_kernel_overrides,
-    write_tiny_llama,
+    make_platform_config,
 )
 
 needs_npu = pytest.mark.skipif(
@@ -40,8 +39,8 @@ class AscendCpuStandIn(ascend.AscendPlatform):
     name = "ascend_cpu_standin"
     device_type = "cpu"
     priority = -1
-    supported_dtypes = (torch.float32,)
-    measures_peak_memory = False
+    capabilities = dataclasses.replace(ascend.AscendPlatform.capabilities,
+                                       dtypes=(torch.float32,), measures_peak_memory=False)
 
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
@@ -61,8 +60,8 @@ class AscendCpuStandIn(ascend.AscendPlatform):
     def attention_backend(self, spec):
         return AscendAttentionBackend(spec, ops=EmulatedNpuOps())
 
-    def graph_runner(self, forward, config):
-        return AclGraphRunner(forward, config, make_graph=EagerReplay)
+    def graph_runner(self, forward, config, attention=()):
+        return AclGraphRunner(forward, config, attention, make_graph=EagerReplay)
 
 
 def _common(q_lens, computed, tables, slots) -> CommonAttentionMetadata:
@@ -100,11 +99,10 @@ def test_kernel_overrides_are_torch_npu_ops_for_ascend_only():
 
 
 def test_validate_block_size_alignment():
-    config = SimpleNamespace(model=SimpleNamespace(dtype=torch.bfloat16, head_dim=64),
-                             cache=SimpleNamespace(block_size=24))
+    config = make_platform_config(dtype=torch.bfloat16, block_size=24)
     problems = ascend.AscendPlatform().validate(config)
     assert any("block size 24" in p and "--block-size" in p for p in problems)
-    config.cache.block_size = 128
+    config = dataclasses.replace(config, block_size=128)
     assert ascend.AscendPlatform().validate(config) == []
 
 
@@ -156,8 +154,8 @@ def test_attention_on_the_cpu_stand_in(case):
     check_attention_against_reference(AscendCpuStandIn(), case)
 
 
-def test_acl_graph_runner_on_the_cpu_stand_in_matches_eager(tmp_path: Path):
-    worst = check_graph_runner(AscendCpuStandIn(), write_tiny_llama(tmp_path / "tiny"))
+def test_acl_graph_runner_on_the_cpu_stand_in_matches_eager():
+    worst = check_graph_runner(AscendCpuStandIn())
     assert worst < 1e-4
 
 

@@ -2,11 +2,14 @@
 
 Rule: one step = one KV write kernel + one attention launch (+ a merge kernel for split
 decode), whatever the mix of prefill chunks and decodes; metadata holds device tensors and
-python ints only, so `forward` never synchronises with the host.
+python ints only, so `forward` never synchronises with the host. While the CUDA graph runner
+captures, it sets `capture_hook`, through which every attention call of the model then goes
+(the runner was handed these backends by the model runner: see `GraphRunner.attention`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +41,9 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, spec: AttentionSpec, num_sms: int = H100_NUM_SMS) -> None:
         super().__init__(spec)
         self.num_sms = num_sms
+        # Set by the graph runner while it captures: called instead of `run` with this
+        # backend and the call's arguments (None: attention runs as is).
+        self.capture_hook: Optional[Callable[..., torch.Tensor]] = None
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         s = self.spec
@@ -58,7 +64,15 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=num_splits,
         )
 
-    def forward(
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: TritonAttentionMetadata,
+                scale: float) -> torch.Tensor:
+        hook = self.capture_hook
+        if hook is not None:
+            return hook(self, query, key, value, kv_cache, metadata, scale)
+        return self.run(query, key, value, kv_cache, metadata, scale)
+
+    def run(
         self,
         query: torch.Tensor,  # [T, H, D], T >= num_actual_tokens (padded rows allowed)
         key: torch.Tensor,
@@ -67,6 +81,7 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: TritonAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, H, D]; padded rows are zeros
+        """Write the new keys/values, then attend (what `forward` does outside a capture)."""
         num_tokens = metadata.num_actual_tokens
         write_kv(key, value, kv_cache, metadata.slot_mapping[:num_tokens])
         out = torch.empty_like(query)

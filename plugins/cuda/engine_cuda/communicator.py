@@ -19,7 +19,7 @@ import torch
 
 from engine_cuda.allreduce_norm import FusedAllReduceNorm
 from engine_cuda.symm_allreduce import SymmAllReduce, _agree
-from platforms.interface import TorchDistributedCommunicator
+from platforms.communicator import TorchDistributedCommunicator
 
 logger = logging.getLogger(__name__)
 

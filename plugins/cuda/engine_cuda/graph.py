@@ -15,10 +15,11 @@ for the real tokens only; the core never sees padding.
 * Mixed batches of up to `PIECEWISE_MAX_TOKENS` tokens replay the forward as pieces: the
   stretches between two attention calls are graphs, attention runs eagerly between them on
   the real tokens with the step's own metadata (its grid depends on the mix of prefill and
-  decode, so it cannot be captured once). The split is made at capture time by the runner's
-  `_SplittingBackend`, which stands in for the platform's attention backend in the model's
-  attention layers: called while a capture is open, it copies q/k/v into static buffers,
-  ends the current graph, records the call, and begins the next graph.
+  decode, so it cannot be captured once). The split is made at capture time through the
+  attention backends the model runner hands the runner (`GraphRunner.attention`, built by
+  this platform): while the runner captures, each backend's `capture_hook` sends every
+  attention call to the runner, which copies q/k/v into static buffers, ends the current
+  graph, records the call, and begins the next graph. The model itself is never touched.
 * All graphs share one memory pool; sizes are captured largest first.
 
 Buffers shared between pieces rely on one property of the models: an attention output is
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from engine_cuda.platform import DECODE_MAX_BATCH, PIECEWISE_MAX_TOKENS
+from platforms.config import PlatformConfig
 from platforms.interface import (
     AttentionBackend,
     CommonAttentionMetadata,
@@ -44,17 +47,11 @@ from platforms.interface import (
     GraphRunner,
     ModelForward,
 )
-from platforms.util import cdiv
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
+    from engine_cuda.attention import TritonAttentionBackend  # imports triton
 
 logger = logging.getLogger(__name__)
-
-# Largest decode batch (requests) captured as one full graph, and largest mixed batch
-# (tokens) captured piecewise. Above them the forward is matmul-bound and runs eagerly.
-DECODE_MAX_BATCH = 512
-PIECEWISE_MAX_TOKENS = 512
 # Captured sizes up to a limit: dense where padding would cost most, sparser above.
 _SIZE_STEPS = ((8, None), (32, 8), (64, 16), (256, 32), (1 << 30, 64))
 
@@ -82,33 +79,28 @@ def padded_size(sizes: Sequence[int], num: int) -> Optional[int]:
     return None
 
 
-def max_decode_batch(config: EngineConfig) -> int:
-    """The largest decode batch captured: max_num_seqs (before the platform fills an unset
-    one, the most a graph holds), at most DECODE_MAX_BATCH."""
-    return min(config.scheduler.max_num_seqs or DECODE_MAX_BATCH, DECODE_MAX_BATCH)
+def max_decode_batch(config: PlatformConfig) -> int:
+    """The largest decode batch captured: max_num_seqs, at most DECODE_MAX_BATCH."""
+    return min(config.max_num_seqs, DECODE_MAX_BATCH)
 
 
-def decode_sizes(config: EngineConfig) -> tuple[int, ...]:
+def decode_sizes(config: PlatformConfig) -> tuple[int, ...]:
     return capture_sizes(max_decode_batch(config))
 
 
-def mixed_sizes(config: EngineConfig) -> tuple[int, ...]:
-    return capture_sizes(min(config.scheduler.max_num_batched_tokens, PIECEWISE_MAX_TOKENS))
+def mixed_sizes(config: PlatformConfig) -> tuple[int, ...]:
+    return capture_sizes(min(config.max_num_batched_tokens, PIECEWISE_MAX_TOKENS))
 
 
-def max_blocks_per_req(config: EngineConfig) -> int:
-    return cdiv(config.scheduler.max_model_len, config.cache.block_size)
-
-
-def graph_problems(config: EngineConfig) -> list[str]:
+def graph_problems(config: PlatformConfig) -> list[str]:
     """What in `config` CUDA graphs cannot serve (checked by `CudaPlatform.validate`)."""
     problems = []
-    table_bytes = max_decode_batch(config) * max_blocks_per_req(config) * 4
+    table_bytes = max_decode_batch(config) * config.max_blocks_per_req * 4
     if table_bytes > 1 << 30:
         problems.append(
             f"the padded block table of a captured decode graph would take "
-            f"{table_bytes / 2**30:.1f} GiB (max_model_len {config.scheduler.max_model_len}, "
-            f"block_size {config.cache.block_size}); raise --block-size, lower "
+            f"{table_bytes / 2**30:.1f} GiB (max_model_len {config.max_model_len}, "
+            f"block_size {config.block_size}); raise --block-size, lower "
             "--max-model-len, or pass --enforce-eager."
         )
     return problems
@@ -164,7 +156,7 @@ class RecordedAttention:
     """One attention call cut out of a piecewise capture: the buffers its neighbours read
     and write, and what it needs to run eagerly at replay."""
 
-    backend: AttentionBackend
+    backend: TritonAttentionBackend
     query: torch.Tensor  # [size, H, D] view of a static buffer the piece before fills
     key: torch.Tensor
     value: torch.Tensor
@@ -173,8 +165,8 @@ class RecordedAttention:
     scale: float
 
     def run(self, num_tokens: int, metadata: Any) -> None:
-        out = self.backend.forward(self.query[:num_tokens], self.key[:num_tokens],
-                                   self.value[:num_tokens], self.kv_cache, metadata, self.scale)
+        out = self.backend.run(self.query[:num_tokens], self.key[:num_tokens],
+                               self.value[:num_tokens], self.kv_cache, metadata, self.scale)
         self.output[:num_tokens].copy_(out)
 
 
@@ -239,7 +231,7 @@ class _Splitter:
             except RuntimeError:
                 pass  # the capture was already invalidated; the original error matters
 
-    def split(self, backend: AttentionBackend, query: torch.Tensor, key: torch.Tensor,
+    def split(self, backend: TritonAttentionBackend, query: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """Called by the attention layer mid-capture: hand q/k/v over through static
         buffers, close this piece, record the call, open the next piece."""
@@ -253,53 +245,18 @@ class _Splitter:
         return out
 
 
-class _SplittingBackend(AttentionBackend):
-    """Stands in for the platform's backend inside the model's attention layers: passes
-    every call through, except during a piecewise capture, where it cuts the graph."""
-
-    def __init__(self, inner: AttentionBackend, runner: CudaGraphRunner) -> None:
-        super().__init__(inner.spec)
-        self.inner = inner
-        self.runner = runner
-        self.name = inner.name
-
-    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return self.inner.kv_cache_shape(num_blocks)
-
-    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
-        return self.inner.build_metadata(common)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
-        runner = self.runner
-        if runner._splitter is not None:
-            return runner._splitter.split(self.inner, query, key, value, kv_cache, scale)
-        if runner._reserving:
-            runner._attn_buffers.reserve(query, key, value)
-        return self.inner.forward(query, key, value, kv_cache, metadata, scale)
-
-
-def attention_layers(forward: ModelForward) -> list[torch.nn.Module]:
-    """The attention layers of the module whose bound `forward` the runner wraps."""
-    from engine.models.layers.attention import Attention
-
-    module = getattr(forward, "__self__", None)
-    if not isinstance(module, torch.nn.Module):
-        return []
-    return [m for m in module.modules() if isinstance(m, Attention)]
-
-
 class CudaGraphRunner(GraphRunner):
     """See the module docstring. `captured_sizes` lists the decode sizes (requests);
     `piecewise_sizes` the mixed sizes (tokens)."""
 
-    def __init__(self, forward: ModelForward, config: EngineConfig) -> None:
-        super().__init__(forward, config)
+    def __init__(self, forward: ModelForward, config: PlatformConfig,
+                 attention: Sequence[AttentionBackend] = ()) -> None:
+        super().__init__(forward, config, attention)
         self.decode_sizes = decode_sizes(config)
         self.mixed_sizes = mixed_sizes(config)
         self.piecewise_sizes: tuple[int, ...] = ()
-        self.max_model_len = config.scheduler.max_model_len
-        self.max_blocks = max_blocks_per_req(config)
+        self.max_model_len = config.max_model_len
+        self.max_blocks = config.max_blocks_per_req
         self._decode_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pieces: dict[int, list[Piece]] = {}
         self._splitter: Optional[_Splitter] = None
@@ -317,21 +274,27 @@ class CudaGraphRunner(GraphRunner):
         max_tokens = max(self.decode_sizes[-1], self.mixed_sizes[-1])
         self._static = StaticDecodeInputs(self.decode_sizes[-1], max_tokens, self.max_blocks,
                                           device)
-        layers = attention_layers(self.forward)
-        if not layers:
-            logger.warning("CUDA graphs: no attention layers found in the wrapped forward, "
-                           "so nothing is captured; every batch runs eagerly.")
+        backends = self._hookable_backends()
+        if not backends:
+            logger.warning("CUDA graphs: the forward's attention does not go through this "
+                           "platform's backends, so nothing is captured; every batch runs "
+                           "eagerly.")
             return
-        self._install_splitting_backends(layers)
         self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=device)
         torch.cuda.synchronize(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for size in reversed(self.mixed_sizes):
-                self._pieces[size] = self._capture_pieces(size, make_batch)
-            for size in reversed(self.decode_sizes):
-                self._decode_graphs[size] = self._capture_decode(size, make_batch)
+        for backend in backends:
+            backend.capture_hook = self._on_attention
+        try:
+            with torch.cuda.stream(stream):
+                for size in reversed(self.mixed_sizes):
+                    self._pieces[size] = self._capture_pieces(size, make_batch)
+                for size in reversed(self.decode_sizes):
+                    self._decode_graphs[size] = self._capture_decode(size, make_batch)
+        finally:
+            for backend in backends:
+                backend.capture_hook = None
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         self.captured_sizes = tuple(sorted(self._decode_graphs))
@@ -343,14 +306,21 @@ class CudaGraphRunner(GraphRunner):
             _span(self.piecewise_sizes), num_pieces,
         )
 
-    def _install_splitting_backends(self, layers: list[torch.nn.Module]) -> None:
-        proxies: dict[int, _SplittingBackend] = {}
-        for layer in layers:
-            backend = layer.backend
-            if isinstance(backend, _SplittingBackend):
-                continue
-            proxy = proxies.setdefault(id(backend), _SplittingBackend(backend, self))
-            layer.backend = proxy
+    def _hookable_backends(self) -> list[TritonAttentionBackend]:
+        """The attention backends handed over that this runner can cut a capture at (this
+        platform's: they have a `capture_hook`)."""
+        return [b for b in self.attention if hasattr(b, "capture_hook")]
+
+    def _on_attention(self, backend: TritonAttentionBackend, query: torch.Tensor,
+                      key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                      metadata: Any, scale: float) -> torch.Tensor:
+        """Every attention call while capturing: cut the piecewise capture open there, or
+        (in the eager warm-up before it) size the static buffers, then attend."""
+        if self._splitter is not None:
+            return self._splitter.split(backend, query, key, value, kv_cache, scale)
+        if self._reserving:
+            self._attn_buffers.reserve(query, key, value)
+        return backend.run(query, key, value, kv_cache, metadata, scale)
 
     def _output_rows(self, out: torch.Tensor, size: int) -> torch.Tensor:
         """[size, ...] view of the static output buffer (made on first use, eagerly)."""
@@ -367,7 +337,7 @@ class CudaGraphRunner(GraphRunner):
         ids, positions, dummy = make_batch(size)
         static.fill(size, ids, positions, dummy)
         common = static.common_metadata(size, self.max_model_len)
-        metadata = _builder(self.forward).build_metadata(common)
+        metadata = self._hookable_backends()[0].build_metadata(common)
         ids, positions = static.input_ids[:size], static.positions[:size]
         # Eager once first: Triton compiles and cuBLAS picks its kernels outside the capture.
         self._output_rows(self.forward(ids, positions, metadata), size)
@@ -461,18 +431,6 @@ def _capturing(graph: torch.cuda.CUDAGraph, pool: Any) -> Iterator[None]:
             pass  # already invalidated; the original error is the one to see
         raise
     graph.capture_end()
-
-
-def _builder(forward: ModelForward) -> AttentionBackend:
-    """The backend that builds metadata for the model the runner wraps."""
-    layers = attention_layers(forward)
-    if not layers:
-        raise RuntimeError(
-            "CUDA graphs need the model's attention layers to build decode metadata; pass "
-            "--enforce-eager for a model without them."
-        )
-    backend = layers[0].backend
-    return backend.inner if isinstance(backend, _SplittingBackend) else backend
 
 
 def _span(sizes: Sequence[int]) -> str:

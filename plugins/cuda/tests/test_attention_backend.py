@@ -10,7 +10,12 @@ pytest.importorskip("triton")
 
 from engine_cuda.attention import TritonAttentionBackend  # noqa: E402
 
-from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform  # noqa: E402
+from platforms.interface import (  # noqa: E402
+    AttentionSpec,
+    Capabilities,
+    CommonAttentionMetadata,
+    Platform,
+)
 from platforms.testing.attention import (  # noqa: E402
     ATTENTION_CASES,
     check_attention_against_reference,
@@ -24,7 +29,7 @@ class TritonTestPlatform(Platform):
 
     name = "triton-test"
     device_type = DEVICE
-    supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    capabilities = Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16))
 
     @classmethod
     def is_available(cls) -> bool:

@@ -1,5 +1,4 @@
-"""CudaGraphRunner: size ladders, padding, static metadata and the pass-through backend on
-CPU; on a GPU, graph replays equal the eager forward for decode and mixed batches, and
+"""CudaGraphRunner: size ladders, padding, static metadata and the capture hook on CPU; on a GPU, graph replays equal the eager forward for decode and mixed batches, and
 greedy generation is the same with and without graphs.
 
 Rule: the CPU tests drive the real buffers and the real CPU attention backend; only
@@ -16,8 +15,6 @@ from engine_cuda.graph import (
     AttentionBuffers,
     CudaGraphRunner,
     StaticDecodeInputs,
-    _SplittingBackend,
-    attention_layers,
     capture_sizes,
     decode_sizes,
     mixed_sizes,
@@ -27,14 +24,15 @@ from engine_cuda.platform import CudaPlatform
 
 from engine.engine_args import EngineArgs
 from platforms.cpu.platform import CpuPlatform
-from platforms.interface import GraphRunner
-from platforms.testing import write_tiny_llama
+from platforms.interface import AttentionSpec, CommonAttentionMetadata, GraphRunner
+from platforms.testing import make_platform_config, write_tiny_llama
 
 HAS_CUDA = CudaPlatform.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (torch.cuda)")
 
 
 def tiny_config(tmp_path, **args):
+    """The engine's config of a tiny Llama (for tests that run the engine's model runner)."""
     directory = write_tiny_llama(tmp_path / "tiny")
     return EngineArgs(model=str(directory), load_format="dummy", max_model_len=256,
                       **args).create_config()
@@ -57,22 +55,22 @@ def test_padded_size_is_the_smallest_that_holds_the_batch():
     assert padded_size(sizes, 101) is None
 
 
-def test_sizes_follow_the_scheduler_limits(tmp_path):
-    config = tiny_config(tmp_path, max_num_seqs=40, max_num_batched_tokens=300)
+def test_sizes_follow_the_scheduler_limits():
+    config = make_platform_config(max_num_seqs=40, max_num_batched_tokens=300)
     assert decode_sizes(config)[-1] == 40
     assert mixed_sizes(config)[-1] == 300
-    big = tiny_config(tmp_path, max_num_seqs=2000, max_num_batched_tokens=8192)
+    big = make_platform_config(max_num_seqs=2000, max_num_batched_tokens=8192)
     assert decode_sizes(big)[-1] == 512 and mixed_sizes(big)[-1] == 512
 
 
-def test_platform_gives_eager_under_enforce_eager_and_graphs_otherwise(tmp_path):
+def test_platform_gives_eager_under_enforce_eager_and_graphs_otherwise():
     def forward(ids, positions, metadata):
         return ids
 
     platform = CudaPlatform()
-    eager = platform.graph_runner(forward, tiny_config(tmp_path, enforce_eager=True))
+    eager = platform.graph_runner(forward, make_platform_config(enforce_eager=True))
     assert type(eager) is GraphRunner
-    graphs = platform.graph_runner(forward, tiny_config(tmp_path, max_num_seqs=8))
+    graphs = platform.graph_runner(forward, make_platform_config(max_num_seqs=8))
     assert isinstance(graphs, CudaGraphRunner) and graphs.decode_sizes == (1, 2, 4, 8)
     assert graphs.max_blocks == 256 // 16
     # Before capture (the profiling step, the first warm-up step) every call is eager.
@@ -139,34 +137,60 @@ def test_attention_buffers_are_shared_per_shape_and_refuse_unknown_ones():
         buffers.view("k", torch.randn(33, 2, 16))
 
 
-# ---- the splitting backend passes everything through outside a capture ----
-def test_splitting_backend_changes_nothing_outside_a_capture(tmp_path):
-    from engine.engine_core.core import resolve_for_platform
-    from engine.worker.model_runner import ModelRunner
+# ---- the capture hook: attention calls reach the runner, the model is not touched ----
+def _decode_batch(n: int, block_size: int = 16):
+    qsl = torch.arange(n + 1, dtype=torch.int32)
+    seq_lens = torch.arange(n, dtype=torch.int32) + 3
+    table = torch.arange(1, n + 1, dtype=torch.int32)[:, None]
+    common = CommonAttentionMetadata(
+        num_reqs=n, num_actual_tokens=n, max_query_len=1, max_seq_len=int(seq_lens.max()),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, num_computed_tokens_cpu=seq_lens - 1,
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=table,
+        slot_mapping=(table[:, 0].long() * block_size + seq_lens.long() - 1))
+    return torch.arange(n) + 7, (seq_lens - 1).long(), common
 
-    platform = CpuPlatform()
-    config = resolve_for_platform(tiny_config(tmp_path, num_kv_blocks=16), platform)
-    runner = ModelRunner(config, platform)
-    runner.load_model()
-    runner.initialize_kv_cache(16)
-    ids, positions, metadata = runner.dummy_decode_batch(6)
+
+def test_capture_hook_sees_every_attention_call_and_changes_nothing():
+    """The runner is handed the platform's Triton backend (as the model runner hands it);
+    while its hook is set, every attention call of the model goes to the runner, which (in
+    the warm-up before a piecewise capture) sizes its buffers and attends exactly as the
+    backend alone. Runs the real Triton kernels in the interpreter."""
+    pytest.importorskip("triton")
+    from engine_cuda.attention import TritonAttentionBackend
+
+    from platforms.testing.graph import TinyDecoder
+
+    config = make_platform_config(max_num_seqs=8, max_num_batched_tokens=64)
+    shape = config.model
+    backend = TritonAttentionBackend(AttentionSpec(shape.num_heads, shape.num_kv_heads,
+                                                   shape.head_dim, torch.float32, 16))
+    model = TinyDecoder(CpuPlatform(), backend, shape, 16, torch.float32,
+                        torch.Generator().manual_seed(0))
+    ids, positions, common = _decode_batch(5)
     with torch.inference_mode():
-        before = runner.model.forward(ids, positions, metadata).clone()
-    graphs = CudaGraphRunner(runner.model.forward, config)
-    layers = attention_layers(runner.model.forward)
-    assert len(layers) == config.model.num_layers
-    graphs._install_splitting_backends(layers)
-    graphs._install_splitting_backends(layers)  # idempotent: no proxy of a proxy
-    proxies = {id(layer.backend) for layer in layers}
-    assert len(proxies) == 1 and isinstance(layers[0].backend, _SplittingBackend)
-    assert layers[0].backend.inner is runner.attn_backend
+        before = model(ids, positions, backend.build_metadata(common)).clone()
+    graphs = CudaPlatform().graph_runner(model.forward, config, (backend,))
+    assert graphs._hookable_backends() == [backend]
+    calls = []
+    backend.capture_hook = lambda *a: (calls.append(a[0]), graphs._on_attention(*a))[1]
     graphs._reserving = True
-    with torch.inference_mode():
-        after = runner.model.forward(ids, positions, metadata)
+    try:
+        with torch.inference_mode():
+            after = model(ids, positions, backend.build_metadata(common))
+    finally:
+        backend.capture_hook = None
+        graphs._reserving = False
+    assert calls == [backend] * shape.num_layers
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    spec = runner.attn_spec
-    q = torch.empty(6, spec.num_heads, spec.head_size)
-    assert graphs._attn_buffers.view("q", q).shape == (6, spec.num_heads, spec.head_size)
+    q = torch.empty(5, shape.num_heads, shape.head_dim)
+    assert graphs._attn_buffers.view("q", q).shape == (5, shape.num_heads, shape.head_dim)
+
+
+def test_a_forward_whose_attention_is_not_the_platforms_runs_eagerly():
+    graphs = CudaPlatform().graph_runner(lambda ids, pos, md: ids, make_platform_config(),
+                                         (CpuPlatform().attention_backend(
+                                             AttentionSpec(4, 2, 32, torch.float32, 16)),))
+    assert graphs._hookable_backends() == []
 
 
 # ---- on a GPU ----
@@ -181,8 +205,7 @@ def test_gpu_graph_replay_equals_eager(tmp_path, dtype):
                ((0, 100), (20, 30), *((j, 1) for j in range(5, 25))),  # 150 mixed tokens
                ((0, 250), (0, 250), (3, 100)))  # 600 tokens: above the piecewise limit
     platform = CudaPlatform()
-    worst = check_graph_runner(platform, write_tiny_llama(tmp_path / "m"), dtype=dtype,
-                               batches=batches, num_blocks=128)
+    worst = check_graph_runner(platform, dtype=dtype, batches=batches, num_blocks=128)
     assert worst < (1e-3 if dtype == torch.float32 else 5e-2)
 
 

@@ -27,11 +27,21 @@ PLUGIN_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(tmp_path, **overrides):
+    """The engine's config of a tiny Llama (bfloat16, max_num_seqs filled as the core does)."""
     args = {"block_size": 16, "max_model_len": 256, **overrides.pop("args", {})}
     directory = write_tiny_llama(tmp_path / "tiny", **overrides)
     config = EngineArgs(model=str(directory), load_format="dummy", **args).create_config()
-    return dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                 dtype=torch.bfloat16))
+    sched = config.scheduler
+    if sched.max_num_seqs is None:
+        sched = dataclasses.replace(
+            sched, max_num_seqs=CudaPlatform.capabilities.default_max_num_seqs)
+    return dataclasses.replace(config, scheduler=sched,
+                               model=dataclasses.replace(config.model, dtype=torch.bfloat16))
+
+
+def platform_config(tmp_path, **overrides):
+    """What the CUDA platform is told about that engine."""
+    return tiny_config(tmp_path, **overrides).for_platform()
 
 
 # ---- selection and discovery ----
@@ -39,8 +49,9 @@ def test_hook_offers_the_platform_and_its_identity():
     assert engine_cuda.engine_platforms() == [CudaPlatform]
     assert (CudaPlatform.name, CudaPlatform.device_type) == ("cuda", "cuda")
     assert CudaPlatform.priority > CpuPlatform.priority
-    assert CudaPlatform.supports_graph_capture and CudaPlatform.measures_peak_memory
-    assert CudaPlatform.distributed_backend == "nccl"
+    caps = CudaPlatform.capabilities
+    assert caps.graph_capture and caps.measures_peak_memory and caps.executes_asynchronously
+    assert caps.distributed_backend == "nccl" and caps.ray_device_resource == "GPU"
 
 
 def test_a_rocm_build_of_torch_never_selects_cuda(monkeypatch):
@@ -90,17 +101,18 @@ def test_validate_names_each_problem_with_the_flag(tmp_path, monkeypatch):
     platform = CudaPlatform()
     monkeypatch.setattr(CudaPlatform, "is_available", classmethod(lambda cls: True))
     monkeypatch.setattr(CudaPlatform, "device_count", lambda self: 1)
-    good = tiny_config(tmp_path)
+    good = platform_config(tmp_path)
     assert platform.validate(good) == []
 
-    problems = platform.validate(tiny_config(tmp_path, head_dim=48))
+    problems = platform.validate(platform_config(tmp_path, head_dim=48))
     assert len(problems) == 1 and "head size 48" in problems[0] and "--device" in problems[0]
 
-    problems = platform.validate(tiny_config(tmp_path, num_attention_heads=6, hidden_size=192,
-                                             num_key_value_heads=4, head_dim=32))
+    problems = platform.validate(platform_config(tmp_path, num_attention_heads=6,
+                                                 hidden_size=192, num_key_value_heads=4,
+                                                 head_dim=32))
     assert any("6 query heads" in p and "4 KV heads" in p for p in problems)
 
-    f64 = dataclasses.replace(good, model=dataclasses.replace(good.model, dtype=torch.float64))
+    f64 = dataclasses.replace(good, dtype=torch.float64)
     assert any("float64" in p and "--dtype" in p for p in platform.validate(f64))
 
 
@@ -108,28 +120,28 @@ def test_validate_counts_gpus_for_the_parallel_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(CudaPlatform, "is_available", classmethod(lambda cls: True))
     monkeypatch.setattr(CudaPlatform, "device_count", lambda self: 2)
     config = tiny_config(tmp_path)
-    if not hasattr(config, "parallel"):
-        pytest.skip("EngineConfig has no parallel layout yet")
     four = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel,
                                                                     tensor_parallel_size=4))
-    problems = CudaPlatform().validate(four)
+    problems = CudaPlatform().validate(four.for_platform())
     assert any("4 GPUs are needed" in p and "2 are visible" in p for p in problems)
 
 
 def test_validate_refuses_a_decode_block_table_too_large_to_capture(tmp_path, monkeypatch):
     monkeypatch.setattr(CudaPlatform, "is_available", classmethod(lambda cls: True))
     monkeypatch.setattr(CudaPlatform, "device_count", lambda self: 1)
-    huge = tiny_config(tmp_path, max_position_embeddings=1 << 30,
-                       args={"max_model_len": 1 << 30, "block_size": 1, "max_num_seqs": 512})
+    huge = platform_config(tmp_path, max_position_embeddings=1 << 30,
+                           args={"max_model_len": 1 << 30, "block_size": 1,
+                                 "max_num_seqs": 512})
     problems = CudaPlatform().validate(huge)
     assert any("block table" in p and "--enforce-eager" in p for p in problems)
     eager = dataclasses.replace(huge, enforce_eager=True)
     assert not any("block table" in p for p in CudaPlatform().validate(eager))
 
 
-def test_kv_cache_bytes_takes_an_explicit_budget_as_given(tmp_path):
-    config = tiny_config(tmp_path, args={"kv_cache_memory": 12345})
-    assert CudaPlatform().kv_cache_bytes(config, model_bytes=10**9) == 12345
+def test_kv_cache_budget_takes_an_explicit_budget_as_given():
+    from engine.worker.model_runner import kv_cache_budget
+
+    assert kv_cache_budget(CudaPlatform(), 12345, 0.9, model_bytes=10**9) == 12345
 
 
 # ---- kernels ----
@@ -147,9 +159,11 @@ def test_kernel_table_picks_triton_on_cuda_and_the_reference_on_cpu():
 
 # ---- the profiling step that sizes the KV cache (any platform that measures) ----
 class _MeasuringCpu(CpuPlatform):
-    """The CPU platform, claiming to measure peak memory, logging the runner's calls."""
+    """The CPU platform, claiming to measure peak memory (a 4 MiB device whose profiling
+    step peaked at 1 MiB), logging the runner's calls."""
 
-    measures_peak_memory = True
+    capabilities = dataclasses.replace(CpuPlatform.capabilities, measures_peak_memory=True,
+                                       default_kv_cache_memory=None)
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -159,11 +173,10 @@ class _MeasuringCpu(CpuPlatform):
 
     def peak_memory_bytes(self) -> int:
         self.calls.append("peak")
-        return 0
-
-    def kv_cache_bytes(self, config, model_bytes: int) -> int:
-        self.calls.append("budget")
         return 1 << 20
+
+    def memory_info(self) -> tuple[int, int]:
+        return 1 << 22, 1 << 22
 
     def execute_calls(self, runner):
         original = runner.execute_model
@@ -183,13 +196,14 @@ def test_profile_step_runs_full_size_before_the_budget_and_leaves_nothing_behind
 
     platform = _MeasuringCpu()
     config = tiny_config(tmp_path, args={"max_num_batched_tokens": 100, "max_num_seqs": 8,
-                                         "max_model_len": 64})
+                                         "max_model_len": 64, "gpu_memory_utilization": 0.5})
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype=None))
     runner = ModelRunner(resolve_for_platform(config, platform), platform)
     runner.load_model()
     platform.execute_calls(runner)
     num_blocks = runner.determine_num_blocks()
-    assert platform.calls == ["reset", "step 100 tokens 8 requests", "peak", "budget"]
+    assert platform.calls == ["reset", "step 100 tokens 8 requests", "peak", "peak"]
+    # total x utilization - the step's peak: 4 MiB x 0.5 - 1 MiB
     assert num_blocks == (1 << 20) // runner.bytes_per_block
     assert runner.input_batch.requests == {}
     assert all(m.kv_cache is None for m in runner.model.modules() if isinstance(m, Attention))

@@ -13,18 +13,18 @@ same static buffers (--enforce-eager, and the CPU tests of this runner's own log
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections.abc import Callable
-from typing import Optional, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
-from platforms.buckets import BucketLimits, bucket_for, decode_buckets
-from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
+from platforms.buckets import BucketGraphRunner, BucketLimits
+from platforms.interface import AttentionBackend, ModelForward
 from platforms.static_attention import StaticAttentionMetadata, StepShape
-from platforms.util import cdiv
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
+
 
 # The tensors of StaticAttentionMetadata that `static_paged_attention` reads: copied into the
 # bucket's buffers before each replay.
@@ -74,34 +74,24 @@ class _Bucket:
     graph: Optional[Replayable]  # None only while the bucket is being built
 
 
-class HpuGraphBucketRunner(GraphRunner):
-    def __init__(self, forward: ModelForward, config, limits: BucketLimits,
-                 make_graph: GraphFactory) -> None:
-        super().__init__(forward, config)
-        self.limits = limits
+class HpuGraphBucketRunner(BucketGraphRunner):
+    def __init__(self, forward: ModelForward, config: PlatformConfig,
+                 attention: Sequence[AttentionBackend] = (), *,
+                 limits: Optional[BucketLimits] = None,
+                 make_graph: GraphFactory = EagerReplay) -> None:
+        super().__init__(forward, config, attention, limits=limits)
         self.make_graph = make_graph
         self.buckets: dict[StepShape, _Bucket] = {}
-        self.captured_sizes = tuple(sorted({s.num_tokens for s in decode_buckets(limits)}))
 
-    def capture(self, make_batch: DummyBatchFactory) -> None:
-        input_ids, positions, metadata = make_batch(1)
-        for shape in decode_buckets(self.limits):
-            self._bucket(shape, input_ids, positions, metadata)
-        logger.info("HPU graphs: %d decode buckets captured", len(self.buckets))
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 attn_metadata: StaticAttentionMetadata) -> torch.Tensor:
-        common = attn_metadata.common
-        shape = bucket_for(self.limits, common.num_reqs, common.max_query_len,
-                           cdiv(common.max_seq_len, attn_metadata.block_size))
-        num_real = common.num_actual_tokens
+    def run_bucket(self, shape: StepShape, input_ids: torch.Tensor, positions: torch.Tensor,
+                   metadata: StaticAttentionMetadata) -> torch.Tensor:
         bucket = self.buckets.get(shape)
         if bucket is None:  # first step of this bucket: capture with its own inputs
-            bucket = self._bucket(shape, input_ids, positions, attn_metadata)
+            bucket = self._bucket(shape, input_ids, positions, metadata)
         else:
-            self._fill(bucket, shape, input_ids, positions, attn_metadata)
+            self._fill(bucket, shape, input_ids, positions, metadata)
         assert bucket.graph is not None
-        return bucket.graph.replay()[:num_real]
+        return bucket.graph.replay()
 
     def _bucket(self, shape: StepShape, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: StaticAttentionMetadata) -> _Bucket:

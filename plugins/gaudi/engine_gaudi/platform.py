@@ -9,20 +9,26 @@ communicator import it when built. Without a Gaudi this platform is never select
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from platforms.buckets import BucketLimits, num_programs
+from platforms.communicator import TorchDistributedCommunicator
+from platforms.device_module import DeviceModulePlatform
 from platforms.interface import (
     AttentionBackend,
     AttentionSpec,
+    Capabilities,
     Communicator,
-    DeviceModulePlatform,
+    GraphRunner,
     ModelForward,
-    TorchDistributedCommunicator,
 )
 from platforms.static_attention import StaticPagedAttentionBackend
+
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
 
 # Gaudi's matrix engines work on 128-wide tiles: prefill chunks pad to at least 128 tokens.
 MIN_QUERY_BUCKET = 128
@@ -44,7 +50,6 @@ def hpu_available() -> bool:
         return False
 
 
-
 class HcclCommunicator(TorchDistributedCommunicator):
     """torch.distributed over Habana's HCCL backend (registered by importing its module)."""
 
@@ -57,11 +62,15 @@ class HcclCommunicator(TorchDistributedCommunicator):
 class GaudiPlatform(DeviceModulePlatform):
     name = "gaudi"
     device_type = "hpu"
-    ray_device_resource = "HPU"  # what Ray detects on a Gaudi host
     priority = 80
-    supports_graph_capture = True
-    supported_dtypes = (torch.bfloat16, torch.float32)
-    distributed_backend = "hccl"
+    capabilities = Capabilities(
+        dtypes=(torch.bfloat16, torch.float32),
+        graph_capture=(f"HPU graphs per padded bucket (batch, chunk >= {MIN_QUERY_BUCKET}, "
+                       "blocks: powers of 2)"),
+        distributed_backend="hccl",
+        ray_device_resource="HPU",  # what Ray detects on a Gaudi host
+        notes={"attention": "static-shape paged (platforms.static_attention)"},
+    )
 
     @classmethod
     def is_available(cls) -> bool:
@@ -88,10 +97,10 @@ class GaudiPlatform(DeviceModulePlatform):
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16
 
-    def bucket_limits(self, config) -> BucketLimits:
+    def bucket_limits(self, config: PlatformConfig) -> BucketLimits:
         return BucketLimits.from_config(config, min_query=MIN_QUERY_BUCKET)
 
-    def validate(self, config) -> list[str]:
+    def validate(self, config: PlatformConfig) -> list[str]:
         problems = super().validate(config)
         count = num_programs(self.bucket_limits(config))
         if count > MAX_GRAPHS:
@@ -105,27 +114,19 @@ class GaudiPlatform(DeviceModulePlatform):
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         return StaticPagedAttentionBackend(spec)
 
-    def graph_factory(self, config):
+    def graph_factory(self, config: PlatformConfig):
         """HPU graphs, or eager replay on the same buffers with --enforce-eager."""
         from engine_gaudi.graph import EagerReplay, HpuGraph
 
         return EagerReplay if config.enforce_eager else HpuGraph
 
-    def graph_runner(self, forward: ModelForward, config):
+    def graph_runner(self, forward: ModelForward, config: PlatformConfig,
+                     attention: Sequence[AttentionBackend] = ()) -> GraphRunner:
         from engine_gaudi.graph import HpuGraphBucketRunner
 
-        return HpuGraphBucketRunner(forward, config, self.bucket_limits(config),
-                                    self.graph_factory(config))
+        return HpuGraphBucketRunner(forward, config, attention,
+                                    limits=self.bucket_limits(config),
+                                    make_graph=self.graph_factory(config))
 
     def communicator(self, group) -> Communicator:
         return HcclCommunicator(group)
-
-    def describe(self) -> dict[str, Optional[str]]:
-        info = super().describe()
-        info.update({
-            "graph_capture": (f"HPU graphs per padded bucket (batch, chunk >= "
-                              f"{MIN_QUERY_BUCKET}, blocks: powers of 2)"),
-            "attention": "static-shape paged (platforms.static_attention)",
-            "collectives": "hccl",
-        })
-        return info

@@ -5,9 +5,8 @@ hardware parts skipped with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from platforms.testing import (
     ATTENTION_CASES,
     check_attention_against_reference,
     check_graph_runner,
-    write_tiny_llama,
+    make_platform_config,
 )
 
 needs_gaudi = pytest.mark.skipif(
@@ -55,11 +54,9 @@ class GaudiCpuStandIn(gaudi.GaudiPlatform):
 
 
 def _config(seqs: int, tokens: int, model_len: int, block_size: int = 16):
-    return SimpleNamespace(
-        model=SimpleNamespace(dtype=torch.bfloat16, head_dim=64),
-        scheduler=SimpleNamespace(max_num_seqs=seqs, max_num_batched_tokens=tokens,
-                                  max_model_len=model_len),
-        cache=SimpleNamespace(block_size=block_size), enforce_eager=False)
+    return make_platform_config(dtype=torch.bfloat16, max_num_seqs=seqs,
+                                max_num_batched_tokens=tokens, max_model_len=model_len,
+                                block_size=block_size)
 
 
 def test_not_selected_without_a_gaudi():
@@ -90,19 +87,18 @@ def test_validate_bounds_the_number_of_graphs():
     assert platform.validate(_config(8, 512, 1024)) == []
     problems = platform.validate(_config(1024, 65536, 131072))
     assert any("HPU graphs" in p and "--max-num-seqs" in p for p in problems), problems
-    fp16 = _config(8, 512, 1024)
-    fp16.model.dtype = torch.float16
+    fp16 = dataclasses.replace(_config(8, 512, 1024), dtype=torch.float16)
     problems = platform.validate(fp16)
     assert any("dtype float16 is not supported on gaudi" in p for p in problems)
 
 
-def test_graph_runner_on_the_cpu_stand_in_matches_eager(tmp_path: Path):
+def test_graph_runner_on_the_cpu_stand_in_matches_eager():
     platform = GaudiCpuStandIn()
-    worst = check_graph_runner(platform, write_tiny_llama(tmp_path / "tiny"))
+    worst = check_graph_runner(platform)
     assert worst < 1e-4
 
 
-def test_runner_refills_static_buffers_and_reuses_buckets(tmp_path: Path):
+def test_runner_refills_static_buffers_and_reuses_buckets():
     """Two steps in one bucket: the second replays the first's graph on its own data."""
     from platforms.interface import AttentionSpec, CommonAttentionMetadata
     from platforms.static_attention import StaticPagedAttentionBackend
@@ -119,7 +115,8 @@ def test_runner_refills_static_buffers_and_reuses_buckets(tmp_path: Path):
 
     config = _config(4, 32, 64, block_size=4)
     runner = HpuGraphBucketRunner(forward, config,
-                                  gaudi.GaudiPlatform().bucket_limits(config), make_graph)
+                                  limits=gaudi.GaudiPlatform().bucket_limits(config),
+                                  make_graph=make_graph)
 
     def step(ids, pos, slots):
         n = len(ids)
@@ -147,6 +144,5 @@ def test_attention_on_a_gaudi(case):
 
 
 @needs_gaudi
-def test_hpu_graphs_on_a_gaudi(tmp_path: Path):
-    check_graph_runner(gaudi.GaudiPlatform(), write_tiny_llama(tmp_path / "tiny"),
-                       dtype=torch.bfloat16)
+def test_hpu_graphs_on_a_gaudi():
+    check_graph_runner(gaudi.GaudiPlatform(), dtype=torch.bfloat16)

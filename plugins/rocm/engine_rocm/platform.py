@@ -12,6 +12,7 @@ one set of kernels.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -38,7 +39,13 @@ def amd_gpu_names() -> list[str]:
 class RocmPlatform(CudaPlatform):
     name = "rocm"
     priority = 100  # same rank as CUDA: the two are never available together
-    distributed_backend = "nccl"  # RCCL in ROCm builds of torch
+    capabilities = dataclasses.replace(
+        CudaPlatform.capabilities,
+        distributed_backend="nccl",  # RCCL in ROCm builds of torch
+        notes={"collectives": "nccl (RCCL)",
+               "kernels": CudaPlatform.capabilities.notes["kernels"]
+               + " (engine-cuda's, via Triton's HIP backend)"},
+    )
 
     @classmethod
     def is_available(cls) -> bool:
@@ -46,8 +53,6 @@ class RocmPlatform(CudaPlatform):
 
     def describe(self) -> dict[str, Optional[str]]:
         info = super().describe()
-        info["collectives"] = "nccl (RCCL)"
-        info["kernels"] = info["kernels"] + " (engine-cuda's, via Triton's HIP backend)"
         if torch.version.hip is not None:
             info["hip"] = str(torch.version.hip)
             names = amd_gpu_names()

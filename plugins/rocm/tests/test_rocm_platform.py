@@ -32,7 +32,7 @@ def test_entry_point_and_capabilities():
     assert eps["rocm"].value == "engine_rocm" and eps["rocm"].dist.name == "engine-rocm"
     info = RocmPlatform().describe()
     assert info["collectives"] == "nccl (RCCL)" and "HIP" in info["kernels"]
-    assert RocmPlatform.device_type == "cuda" and RocmPlatform.distributed_backend == "nccl"
+    assert RocmPlatform.device_type == "cuda" and RocmPlatform.capabilities.distributed_backend == "nccl"
 
 
 def test_kernel_overrides_are_engine_cudas_under_the_rocm_name():

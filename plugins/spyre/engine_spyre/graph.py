@@ -10,14 +10,18 @@ built from the same warm-up shapes, never forms one.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from engine_spyre.shapes import SHAPES_ENV, pick_step_shape
-from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
+from platforms.interface import AttentionBackend, DummyBatchFactory, GraphRunner, ModelForward
 from platforms.static_attention import StaticAttentionMetadata, StepShape
 from platforms.util import cdiv
+
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +29,13 @@ logger = logging.getLogger(__name__)
 class StaticShapeGraphRunner(GraphRunner):
     """Compiles `forward` with `backend` (None: runs eagerly, still padded to the shapes)."""
 
-    def __init__(self, forward: ModelForward, config, step_shapes: tuple[StepShape, ...],
-                 backend: Optional[str]) -> None:
+    def __init__(self, forward: ModelForward, config: PlatformConfig,
+                 attention: Sequence[AttentionBackend] = (), *,
+                 step_shapes: tuple[StepShape, ...], backend: Optional[str]) -> None:
         if backend is not None:
             # dynamic=False: one graph per shape, never a shape-generic one.
             forward = torch.compile(forward, backend=backend, dynamic=False)
-        super().__init__(forward, config)
+        super().__init__(forward, config, attention)
         self.backend = backend
         self.step_shapes = step_shapes
         self.captured_sizes = tuple(sorted({s.num_tokens for s in step_shapes}))

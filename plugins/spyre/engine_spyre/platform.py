@@ -15,15 +15,25 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from typing import Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from engine_spyre import shapes as shape_rules
 from engine_spyre.graph import StaticShapeGraphRunner
-from platforms.interface import AttentionBackend, AttentionSpec, ModelForward, Platform
+from platforms.interface import (
+    AttentionBackend,
+    AttentionSpec,
+    Capabilities,
+    ModelForward,
+    Platform,
+)
 from platforms.scheduling import StaticBatching
 from platforms.static_attention import StaticPagedAttentionBackend
+
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
 
 SIMULATE_ENV = "ENGINE_SPYRE_SIMULATE"
 BACKEND_ENV = "ENGINE_SPYRE_COMPILE_BACKEND"
@@ -31,7 +41,6 @@ HARDWARE_BACKEND = "sendnn"  # registered with torch.compile by the torch_sendnn
 SIMULATED_BACKENDS = ("eager", "inductor")
 _IBM_PCI_VENDOR = "0x1014"
 _ACCELERATOR_CLASS = "0x12"  # PCI base class "processing accelerator"
-_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
 
 
 def simulated() -> bool:
@@ -62,11 +71,17 @@ def hardware_present() -> bool:
 class SpyrePlatform(Platform):
     name = "spyre"
     device_type = "cpu"  # host tensors; the compiled graphs run on the card
-    # Ray does not detect Spyre cards: a cluster registers them (`ray start --resources`).
-    ray_device_resource = "spyre"
     priority = 40
-    supports_graph_capture = True
-    supported_dtypes = (torch.float16, torch.float32)
+    capabilities = Capabilities(
+        dtypes=(torch.float16, torch.float32),
+        graph_capture="torch.compile per warm-up shape (" + HARDWARE_BACKEND +
+                      "; eager/inductor simulated)",
+        # Ray does not detect Spyre cards: a cluster registers them (`ray start --resources`).
+        ray_device_resource="spyre",
+        default_kv_cache_memory=2 * 1024**3,  # the cache lives in host memory
+        notes={"scheduling": "static batches in warm-up shapes",
+               "attention": "static-shape paged (platforms.static_attention)"},
+    )
 
     @classmethod
     def is_available(cls) -> bool:
@@ -81,19 +96,13 @@ class SpyrePlatform(Platform):
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return free, total
 
-    def kv_cache_bytes(self, config, model_bytes: int) -> int:  # type: ignore[override]
-        if config.cache.kv_cache_memory is not None:
-            return config.cache.kv_cache_memory
-        free, _ = self.memory_info()
-        return min(_DEFAULT_KV_CACHE_BYTES, int(free * 0.5))
-
     # ---- config ----
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         # The card computes in float16; the CPU stand-in in float32 (like the CPU platform,
         # so simulated runs match it token for token).
         return torch.float32 if simulated() else torch.float16
 
-    def compile_backend(self, config) -> Optional[str]:
+    def compile_backend(self, config: PlatformConfig) -> Optional[str]:
         """torch.compile backend for the graphs; None (eager, still padded) with
         --enforce-eager."""
         if config.enforce_eager:
@@ -101,9 +110,9 @@ class SpyrePlatform(Platform):
         default = "eager" if simulated() else HARDWARE_BACKEND
         return os.environ.get(BACKEND_ENV) or default
 
-    def validate(self, config) -> list[str]:
+    def validate(self, config: PlatformConfig) -> list[str]:
         problems = super().validate(config)
-        if not simulated() and config.model.dtype != torch.float16:
+        if not simulated() and config.dtype != torch.float16:
             problems.append(f"Spyre computes in float16; pass --dtype float16 (or set "
                             f"{SIMULATE_ENV}=1 to run the CPU stand-in).")
         backend = self.compile_backend(config)
@@ -114,16 +123,15 @@ class SpyrePlatform(Platform):
             warm = shape_rules.configured_shapes()
         except ValueError as exc:
             return [*problems, str(exc)]
-        sched = config.scheduler
         for s in warm:
-            if s.max_seq_len > sched.max_model_len:
+            if s.max_seq_len > config.max_model_len:
                 problems.append(f"warm-up shape {s} reaches {s.max_seq_len} tokens, more than "
-                                f"max_model_len={sched.max_model_len}; shrink it in "
+                                f"max_model_len={config.max_model_len}; shrink it in "
                                 f"{shape_rules.SHAPES_ENV} or raise --max-model-len.")
-            if s.batch_size * s.prompt_len > sched.max_num_batched_tokens:
+            if s.batch_size * s.prompt_len > config.max_num_batched_tokens:
                 problems.append(f"warm-up shape {s} prefills {s.batch_size * s.prompt_len} "
                                 f"tokens in one step, more than max_num_batched_tokens="
-                                f"{sched.max_num_batched_tokens}; raise "
+                                f"{config.max_num_batched_tokens}; raise "
                                 "--max-num-batched-tokens.")
         return problems
 
@@ -131,15 +139,17 @@ class SpyrePlatform(Platform):
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         return StaticPagedAttentionBackend(spec)
 
-    def graph_runner(self, forward: ModelForward, config) -> StaticShapeGraphRunner:
+    def graph_runner(self, forward: ModelForward, config: PlatformConfig,
+                     attention: Sequence[AttentionBackend] = ()) -> StaticShapeGraphRunner:
         backend = self.compile_backend(config)
         if backend == HARDWARE_BACKEND:
             import torch_sendnn  # noqa: F401  (registers the backend with torch.compile)
         step_shapes = shape_rules.step_shapes(shape_rules.configured_shapes(),
-                                              config.cache.block_size)
-        return StaticShapeGraphRunner(forward, config, step_shapes, backend)
+                                              config.block_size)
+        return StaticShapeGraphRunner(forward, config, attention, step_shapes=step_shapes,
+                                      backend=backend)
 
-    def scheduling_constraints(self, config) -> StaticBatching:
+    def scheduling_constraints(self, config: PlatformConfig) -> StaticBatching:
         return shape_rules.constraints(shape_rules.configured_shapes())
 
     def describe(self) -> dict[str, Optional[str]]:
@@ -152,7 +162,5 @@ class SpyrePlatform(Platform):
             "mode": ("simulated on CPU" if simulated()
                      else "hardware" if hardware_present() else "hardware (no card found)"),
             "warmup_shapes": warm,
-            "scheduling": "static batches in warm-up shapes",
-            "compile": HARDWARE_BACKEND + " (eager/inductor simulated)",
         })
         return info

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from platforms.interface import TorchDistributedCommunicator
+from platforms.communicator import TorchDistributedCommunicator
 
 
 class XlaCommunicator(TorchDistributedCommunicator):

@@ -8,16 +8,10 @@ every pure-decode bucket; prefill buckets compile on first use (a bounded set, s
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from platforms.buckets import BucketLimits, bucket_for, decode_buckets
-from platforms.interface import DummyBatchFactory, GraphRunner, ModelForward
+from platforms.buckets import BucketGraphRunner
 from platforms.static_attention import StaticAttentionMetadata, StepShape
-from platforms.util import cdiv
-
-logger = logging.getLogger(__name__)
 
 
 def _sync() -> None:
@@ -33,34 +27,17 @@ def _sync() -> None:
         xm.mark_step()
 
 
-class XlaBucketRunner(GraphRunner):
-    def __init__(self, forward: ModelForward, config, limits: BucketLimits,
-                 lazy: bool = True) -> None:
-        super().__init__(forward, config)
-        self.limits = limits
-        self.lazy = lazy  # False: run on an eager device (tests of the padding logic)
-        self.seen: set[StepShape] = set()
-        self.captured_sizes = tuple(sorted({s.num_tokens for s in decode_buckets(limits)}))
+class XlaBucketRunner(BucketGraphRunner):
+    """`lazy=False` runs on an eager device (the CPU tests of the padding logic)."""
 
-    def capture(self, make_batch: DummyBatchFactory) -> None:
-        input_ids, positions, metadata = make_batch(1)
-        for shape in decode_buckets(self.limits):
-            self._run(shape, input_ids, positions, metadata)
-        logger.info("XLA: %d decode buckets compiled", len(self.seen))
+    lazy = True
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 attn_metadata: StaticAttentionMetadata) -> torch.Tensor:
-        common = attn_metadata.common
-        shape = bucket_for(self.limits, common.num_reqs, common.max_query_len,
-                           cdiv(common.max_seq_len, attn_metadata.block_size))
-        return self._run(shape, input_ids, positions, attn_metadata)
-
-    def _run(self, shape: StepShape, input_ids: torch.Tensor, positions: torch.Tensor,
-             metadata: StaticAttentionMetadata) -> torch.Tensor:
+    def run_bucket(self, shape: StepShape, input_ids: torch.Tensor, positions: torch.Tensor,
+                   metadata: StaticAttentionMetadata) -> torch.Tensor:
         num_real = metadata.common.num_actual_tokens
         pad = shape.num_tokens - num_real
         # XLA's functionalization cannot take inference tensors: the model runner steps under
-        # the platform's no_grad (`inference_context`), and a caller that still wraps the
+        # no_grad (`Capabilities.inference_mode` is False), and a caller that still wraps the
         # runner in inference_mode (a benchmark) gets it lifted for the padded forward.
         with torch.inference_mode(False), torch.no_grad():
             ids = torch.nn.functional.pad(input_ids[:num_real], (0, pad))
@@ -68,5 +45,4 @@ class XlaBucketRunner(GraphRunner):
             hidden = self.forward(ids, pos, metadata.padded(shape))
             if self.lazy:
                 _sync()
-        self.seen.add(shape)
-        return hidden[:num_real]
+        return hidden

@@ -9,17 +9,27 @@ device (tests); otherwise a TPU must be present.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import importlib.util
 import os
-from typing import Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from platforms.buckets import BucketLimits, num_programs
-from platforms.interface import AttentionBackend, AttentionSpec, ModelForward, Platform
+from platforms.interface import (
+    AttentionBackend,
+    AttentionSpec,
+    Capabilities,
+    GraphRunner,
+    ModelForward,
+    Platform,
+)
 from platforms.static_attention import StaticPagedAttentionBackend
+
+if TYPE_CHECKING:
+    from platforms.config import PlatformConfig
 
 ALLOW_CPU_ENV = "ENGINE_TPU_ALLOW_CPU"
 _GOOGLE_PCI_VENDOR = "0x1ae0"
@@ -47,11 +57,17 @@ def xla_cpu_allowed() -> bool:
 class TpuPlatform(Platform):
     name = "tpu"
     device_type = "xla"
-    ray_device_resource = "TPU"  # what Ray detects on a TPU host
     priority = 90
-    supports_graph_capture = True
-    supported_dtypes = (torch.bfloat16, torch.float32)
-    distributed_backend = "xla"
+    capabilities = Capabilities(
+        dtypes=(torch.bfloat16, torch.float32),
+        graph_capture="XLA programs per padded bucket (batch, chunk, blocks: powers of 2)",
+        distributed_backend="xla",
+        ray_device_resource="TPU",  # what Ray detects on a TPU host
+        # torch_xla's functionalization cannot take inference tensors: logits and sampling
+        # run outside the bucket runner's forward, so the whole step runs under no_grad.
+        inference_mode=False,
+        notes={"attention": "static-shape paged (platforms.static_attention)"},
+    )
 
     @classmethod
     def is_available(cls) -> bool:
@@ -96,24 +112,13 @@ class TpuPlatform(Platform):
         gen.manual_seed(seed)
         return gen
 
-    def kv_cache_bytes(self, config, model_bytes: int) -> int:  # type: ignore[override]
-        if config.cache.kv_cache_memory is not None:
-            return config.cache.kv_cache_memory
-        free, _ = self.memory_info()
-        return int(free * config.cache.gpu_memory_utilization) - model_bytes
-
-    def inference_context(self) -> contextlib.AbstractContextManager:
-        # torch_xla's functionalization cannot take inference tensors: logits and sampling
-        # run outside the bucket runner's forward, so the whole step runs under no_grad.
-        return torch.no_grad()
-
     # ---- config ----
     def resolve_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         if xla_cpu_allowed():
             return torch.float32
         return torch.bfloat16
 
-    def validate(self, config) -> list[str]:
+    def validate(self, config: PlatformConfig) -> list[str]:
         problems = super().validate(config)
         limits = BucketLimits.from_config(config)
         count = num_programs(limits)
@@ -128,10 +133,11 @@ class TpuPlatform(Platform):
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         return StaticPagedAttentionBackend(spec)
 
-    def graph_runner(self, forward: ModelForward, config):
+    def graph_runner(self, forward: ModelForward, config: PlatformConfig,
+                     attention: Sequence[AttentionBackend] = ()) -> GraphRunner:
         from engine_tpu.graph import XlaBucketRunner
 
-        return XlaBucketRunner(forward, config, BucketLimits.from_config(config))
+        return XlaBucketRunner(forward, config, attention)
 
     def communicator(self, group):
         from engine_tpu.communicator import XlaCommunicator
@@ -140,9 +146,5 @@ class TpuPlatform(Platform):
 
     def describe(self) -> dict[str, Optional[str]]:
         info = super().describe()
-        info.update({
-            "graph_capture": "XLA programs per padded bucket (batch, chunk, blocks: powers of 2)",
-            "attention": "static-shape paged (platforms.static_attention)",
-            "mode": "XLA CPU device" if xla_cpu_allowed() else "TPU",
-        })
+        info["mode"] = "XLA CPU device" if xla_cpu_allowed() else "TPU"
         return info

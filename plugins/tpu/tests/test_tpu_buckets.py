@@ -1,8 +1,6 @@
 """Padded shape buckets (pure logic, runs everywhere) and the bucket runner's padding, run on
 the CPU so the padding logic is checked without torch_xla."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from platforms.buckets import (
     powers_of_two,
 )
 from platforms.static_attention import StepShape
+from platforms.testing import make_platform_config
 
 LIMITS = BucketLimits(max_num_seqs=6, max_num_batched_tokens=100, max_blocks_per_req=9)
 
@@ -55,10 +54,10 @@ def test_runner_pads_to_a_bucket_and_returns_only_real_rows():
         seen.append((ids.shape[0], md.shape))
         return ids[:, None].float() * 2
 
-    config = SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=32,
-                                                       max_model_len=64),
-                             cache=SimpleNamespace(block_size=4))
-    runner = XlaBucketRunner(forward, config, BucketLimits.from_config(config), lazy=False)
+    config = make_platform_config(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
+                                  block_size=4)
+    runner = XlaBucketRunner(forward, config)
+    runner.lazy = False  # an eager device: the padding logic alone
     qsl = torch.tensor([0, 3, 4], dtype=torch.int32)
     common = CommonAttentionMetadata(
         num_reqs=2, num_actual_tokens=4, max_query_len=3, max_seq_len=6,

@@ -2,13 +2,16 @@
 conformance kit on XLA's CPU device where torch_xla is installed (nox -s tpu)."""
 
 import importlib.util
-from types import SimpleNamespace
 
 import pytest
 import torch
 from engine_tpu import platform as tpu
 
-from platforms.testing import ATTENTION_CASES, check_attention_against_reference
+from platforms.testing import (
+    ATTENTION_CASES,
+    check_attention_against_reference,
+    make_platform_config,
+)
 
 needs_xla = pytest.mark.skipif(
     importlib.util.find_spec("torch_xla") is None,
@@ -38,11 +41,9 @@ def test_chip_detection_reads_the_google_pci_vendor(tmp_path):
 
 
 def test_validate_bounds_the_number_of_programs():
-    config = SimpleNamespace(
-        model=SimpleNamespace(dtype=torch.bfloat16, head_dim=64),
-        scheduler=SimpleNamespace(max_num_seqs=1024, max_num_batched_tokens=65536,
-                                  max_model_len=131072),
-        cache=SimpleNamespace(block_size=16))
+    config = make_platform_config(dtype=torch.bfloat16, max_num_seqs=1024,
+                                  max_num_batched_tokens=65536, max_model_len=131072,
+                                  block_size=16)
     problems = tpu.TpuPlatform().validate(config)
     assert any("shape buckets could be compiled" in p and "--max-num-seqs" in p
                for p in problems)

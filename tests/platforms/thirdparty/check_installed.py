@@ -5,20 +5,18 @@ import importlib.metadata
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 from platforms import registry
 from platforms.testing import (
     ATTENTION_CASES,
     check_attention_against_reference,
     check_communicator,
+    check_contract,
     check_device,
     check_events,
     check_graph_runner,
     check_kernel_overrides,
     check_memory_info,
-    write_tiny_llama,
 )
 
 
@@ -42,8 +40,8 @@ def main() -> None:
     check_memory_info(platform)
     check_events(platform)
     check_kernel_overrides(platform)
-    with tempfile.TemporaryDirectory() as tmp:
-        err = check_graph_runner(platform, write_tiny_llama(Path(tmp) / "tiny"))
+    check_contract(platform)
+    err = check_graph_runner(platform)
     check_communicator(DemoAccelPlatform, world_size=2)
 
     from engine import LLM, SamplingParams

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from platforms.interface import (
     AttentionBackend,
     AttentionSpec,
+    Capabilities,
     CommonAttentionMetadata,
     GraphRunner,
     Platform,
@@ -84,8 +84,9 @@ class DemoAccelPlatform(Platform):
     name = "demo_accel"
     device_type = "cpu"
     priority = 3
-    supported_dtypes = (torch.float32,)
-    supported_head_sizes = (32, 64, 128)
+    capabilities = Capabilities(dtypes=(torch.float32,), head_sizes=(32, 64, 128),
+                                graph_capture="pads each step to a power of two tokens",
+                                default_kv_cache_memory=256 * 1024**2)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -95,16 +96,11 @@ class DemoAccelPlatform(Platform):
         page = os.sysconf("SC_PAGE_SIZE")
         return page * os.sysconf("SC_AVPHYS_PAGES"), page * os.sysconf("SC_PHYS_PAGES")
 
-    def kv_cache_bytes(self, config: Any, model_bytes: int) -> int:
-        if config.cache.kv_cache_memory is not None:
-            return config.cache.kv_cache_memory
-        return 256 * 1024**2
-
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
         return DenseGatherAttention(spec)
 
-    def graph_runner(self, forward, config) -> GraphRunner:
-        return BucketRunner(forward, config)
+    def graph_runner(self, forward, config, attention=()) -> GraphRunner:
+        return BucketRunner(forward, config, attention)
 
     def kernel_overrides(self) -> list[KernelImpl]:
         return [KernelImpl("silu_and_mul", _silu_and_mul, priority=5, provider="engine-demo-accel",
