@@ -138,23 +138,24 @@ def test_attention_buffers_are_shared_per_shape_and_refuse_unknown_ones():
 
 
 # ---- the capture hook: attention calls reach the runner, the model is not touched ----
-def _decode_batch(n: int, block_size: int = 16):
+def _decode_batch(n: int, device: torch.device, block_size: int = 16):
     qsl = torch.arange(n + 1, dtype=torch.int32)
     seq_lens = torch.arange(n, dtype=torch.int32) + 3
     table = torch.arange(1, n + 1, dtype=torch.int32)[:, None]
     common = CommonAttentionMetadata(
         num_reqs=n, num_actual_tokens=n, max_query_len=1, max_seq_len=int(seq_lens.max()),
         query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, num_computed_tokens_cpu=seq_lens - 1,
-        query_start_loc=qsl, seq_lens=seq_lens, block_table=table,
-        slot_mapping=(table[:, 0].long() * block_size + seq_lens.long() - 1))
-    return torch.arange(n) + 7, (seq_lens - 1).long(), common
+        query_start_loc=qsl.to(device), seq_lens=seq_lens.to(device),
+        block_table=table.to(device),
+        slot_mapping=(table[:, 0].long() * block_size + seq_lens.long() - 1).to(device))
+    return (torch.arange(n) + 7).to(device), (seq_lens - 1).long().to(device), common
 
 
 def test_capture_hook_sees_every_attention_call_and_changes_nothing():
     """The runner is handed the platform's Triton backend (as the model runner hands it);
     while its hook is set, every attention call of the model goes to the runner, which (in
     the warm-up before a piecewise capture) sizes its buffers and attends exactly as the
-    backend alone. Runs the real Triton kernels in the interpreter."""
+    backend alone. Runs the real Triton kernels (in the interpreter on CPU)."""
     pytest.importorskip("triton")
     from engine_cuda.attention import TritonAttentionBackend
 
@@ -164,9 +165,10 @@ def test_capture_hook_sees_every_attention_call_and_changes_nothing():
     shape = config.model
     backend = TritonAttentionBackend(AttentionSpec(shape.num_heads, shape.num_kv_heads,
                                                    shape.head_dim, torch.float32, 16))
-    model = TinyDecoder(CpuPlatform(), backend, shape, 16, torch.float32,
+    host = CudaPlatform() if HAS_CUDA else CpuPlatform()  # where the tensors live
+    model = TinyDecoder(host, backend, shape, 16, torch.float32,
                         torch.Generator().manual_seed(0))
-    ids, positions, common = _decode_batch(5)
+    ids, positions, common = _decode_batch(5, host.device())
     with torch.inference_mode():
         before = model(ids, positions, backend.build_metadata(common)).clone()
     graphs = CudaPlatform().graph_runner(model.forward, config, (backend,))
@@ -182,7 +184,7 @@ def test_capture_hook_sees_every_attention_call_and_changes_nothing():
         graphs._reserving = False
     assert calls == [backend] * shape.num_layers
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    q = torch.empty(5, shape.num_heads, shape.head_dim)
+    q = torch.empty(5, shape.num_heads, shape.head_dim, device=host.device())
     assert graphs._attn_buffers.view("q", q).shape == (5, shape.num_heads, shape.head_dim)
 
 
