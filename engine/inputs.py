@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams
 
 # generation_config.json keys that map onto SamplingParams fields (HF name -> our name).
 _GENERATION_DEFAULT_FIELDS = {
@@ -53,7 +53,7 @@ class InputProcessor:
         """(prompt text or None, prompt token ids, params with max_tokens filled in)."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("The prompt is empty; pass a prompt with at least one token.")
+                raise InvalidParameter("prompt", "The prompt is empty; pass a prompt with at least one token.")
             prompt_text: Optional[str] = prompt
             token_ids = list(self._tokenizer.encode(prompt))
         else:
@@ -61,7 +61,7 @@ class InputProcessor:
             token_ids = list(prompt)
             self._check_token_ids(token_ids)
         if not token_ids:
-            raise ValueError("The prompt has 0 tokens; pass a prompt with at least one token.")
+            raise InvalidParameter("prompt", "The prompt has 0 tokens; pass a prompt with at least one token.")
         return prompt_text, token_ids, self._check_params(len(token_ids), params)
 
     def default_sampling_params(self) -> SamplingParams:
@@ -93,7 +93,8 @@ class InputProcessor:
                 "(a file path or the template text)."
             )
         if add_generation_prompt and continue_final_message:
-            raise ValueError(
+            raise InvalidParameter(
+                "continue_final_message",
                 "add_generation_prompt and continue_final_message are both true; set "
                 "add_generation_prompt=false to continue the final message."
             )
@@ -110,8 +111,8 @@ class InputProcessor:
     def _check_token_ids(self, token_ids: list[int]) -> None:
         for position, token_id in enumerate(token_ids):
             if not isinstance(token_id, int) or not 0 <= token_id < self._vocab_size:
-                raise ValueError(
-                    f"Prompt token id {token_id!r} at position {position} is out of range: the "
+                raise InvalidParameter(
+                    "prompt", f"Prompt token id {token_id!r} at position {position} is out of range: the "
                     f"vocabulary has {self._vocab_size} tokens (ids 0..{self._vocab_size - 1}); "
                     "pass token ids from the model's tokenizer."
                 )
@@ -123,8 +124,8 @@ class InputProcessor:
         for name, ids in named:
             for token_id in ids:
                 if not isinstance(token_id, int) or not 0 <= token_id < self._vocab_size:
-                    raise ValueError(
-                        f"{name} token id {token_id!r} is out of range: the vocabulary has "
+                    raise InvalidParameter(
+                        name, f"{name} token id {token_id!r} is out of range: the vocabulary has "
                         f"{self._vocab_size} tokens (ids 0..{self._vocab_size - 1}); pass token "
                         "ids from the model's tokenizer."
                     )
@@ -132,14 +133,14 @@ class InputProcessor:
     def _check_params(self, num_prompt_tokens: int, params: SamplingParams) -> SamplingParams:
         limit = self._max_model_len
         if num_prompt_tokens >= limit:
-            raise ValueError(
-                f"The prompt has {num_prompt_tokens} tokens but max_model_len is {limit} (the "
+            raise InvalidParameter(
+                "prompt", f"The prompt has {num_prompt_tokens} tokens but max_model_len is {limit} (the "
                 "prompt must leave room for at least one output token); pass a shorter prompt "
                 "or raise --max-model-len."
             )
         if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
-            raise ValueError(
-                f"The prompt has {num_prompt_tokens} tokens and max_tokens is "
+            raise InvalidParameter(
+                "max_tokens", f"The prompt has {num_prompt_tokens} tokens and max_tokens is "
                 f"{params.max_tokens}: {num_prompt_tokens + params.max_tokens} tokens exceed "
                 f"max_model_len {limit}; lower max_tokens to at most "
                 f"{limit - num_prompt_tokens} or raise --max-model-len."
@@ -148,14 +149,14 @@ class InputProcessor:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self._max_logprobs:
-                raise ValueError(
-                    f"{name} is {value} but the engine allows at most {self._max_logprobs} "
+                raise InvalidParameter(
+                    name, f"{name} is {value} but the engine allows at most {self._max_logprobs} "
                     f"(--max-logprobs); request at most {self._max_logprobs} or restart with "
                     f"--max-logprobs {value}."
                 )
         if params.stop and not params.detokenize:
-            raise ValueError(
-                f"stop strings {params.stop!r} need detokenize=True (stop strings are found in "
+            raise InvalidParameter(
+                "stop", f"stop strings {params.stop!r} need detokenize=True (stop strings are found in "
                 "the text); set detokenize=True or use stop_token_ids."
             )
         if params.max_tokens is None:
@@ -187,26 +188,29 @@ def template_message(message: dict[str, Any], index: int = 0) -> dict[str, Any]:
     and the server, so both refuse the same messages."""
     role = message.get("role")
     if role not in CHAT_ROLES:
-        raise ValueError(f"messages[{index}].role is {role!r}; it must be one of {CHAT_ROLES}.")
+        raise InvalidParameter(
+            "messages", f"messages[{index}].role is {role!r}; it must be one of {CHAT_ROLES}.")
     content = message.get("content")
     if content is None:
         # OpenAI allows an assistant message without content (it carries tool calls).
         if role != "assistant":
-            raise ValueError(f"messages[{index}].content is missing; a {role} message needs "
-                             "content (a string or a list of content parts).")
+            raise InvalidParameter(
+                "messages", f"messages[{index}].content is missing; a {role} message needs "
+                "content (a string or a list of content parts).")
         content = ""
     elif isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"messages[{index}].content[{j}] has type {kind!r}; this text-only model "
+                raise InvalidParameter(
+                    "messages", f"messages[{index}].content[{j}] has type {kind!r}; this text-only model "
                     "takes content parts of type 'text' with a string 'text' field.")
             texts.append(part["text"])
         content = "\n".join(texts)
     elif not isinstance(content, str):
-        raise ValueError(f"messages[{index}].content must be a string or a list of content "
-                         f"parts, got {type(content).__name__}.")
+        raise InvalidParameter(
+            "messages", f"messages[{index}].content must be a string or a list of content "
+            f"parts, got {type(content).__name__}.")
     out = {k: v for k, v in message.items() if k not in ("role", "content")}
     return {"role": role, "content": content, **out}

@@ -19,6 +19,15 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency
                  "repetition_penalty")
 
 
+
+class InvalidParameter(ValueError):
+    """A request field outside what the engine takes; `param` names the field (the OpenAI
+    error body's `param`), the message says the value, the limit and what to pass instead."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 class RequestOutputKind(enum.IntEnum):
     """How much of the output each `RequestOutput` of a request carries."""
 
@@ -71,56 +80,60 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}.")
+                raise InvalidParameter(name, f"{name} must be a finite number, got {value}.")
         if self.temperature > 100.0:
-            raise ValueError(f"temperature must be at most 100, got {self.temperature}.")
+            raise InvalidParameter(
+                "temperature", f"temperature must be at most 100, got {self.temperature}.")
         for token_id, bias in (self.logit_bias or {}).items():
             if not (math.isfinite(bias) and -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
-                raise ValueError(
-                    f"logit_bias value {bias} for token {token_id} must be in "
+                raise InvalidParameter(
+                    "logit_bias", f"logit_bias value {bias} for token {token_id} must be in "
                     f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]."
                 )
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
+            raise InvalidParameter("n", f"n must be at least 1, got {self.n}.")
         if self.temperature < 0.0:
-            raise ValueError(
-                f"temperature must be non-negative, got {self.temperature}; use 0 for greedy."
+            raise InvalidParameter(
+                "temperature", f"temperature must be non-negative, got {self.temperature}; use 0 for greedy."
             )
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise InvalidParameter("top_p", f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k is not None and self.top_k < 1:
             if self.top_k in (0, -1):  # the field's conventional "disabled" values
                 self.top_k = None
             else:
-                raise ValueError(
-                    f"top_k must be a positive integer (or 0/-1/None to disable), got {self.top_k}."
+                raise InvalidParameter(
+                    "top_k", f"top_k must be a positive integer (or 0/-1/None to disable), got {self.top_k}."
                 )
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+            raise InvalidParameter("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+            raise InvalidParameter(
+                "presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."
+            raise InvalidParameter(
+                "frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."
             )
         if self.repetition_penalty <= 0.0:
-            raise ValueError(
-                f"repetition_penalty must be greater than 0, got {self.repetition_penalty}."
+            raise InvalidParameter(
+                "repetition_penalty", f"repetition_penalty must be greater than 0, got {self.repetition_penalty}."
             )
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+            raise InvalidParameter(
+                "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}.")
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}.")
+            raise InvalidParameter(
+                "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})."
+            raise InvalidParameter(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})."
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be non-negative, got {value}.")
+                raise InvalidParameter(name, f"{name} must be non-negative, got {value}.")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}.")
+            raise InvalidParameter("seed", f"seed must fit in 64 bits, got {self.seed}.")
 
     @property
     def is_greedy(self) -> bool:

@@ -21,7 +21,7 @@ from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
 from engine.messages.core import SchedulerStats
 from engine.outputs.request_output import RequestFailedError, RequestOutput, failure_of
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidParameter, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class AsyncLLM:
         EngineDeadError if the core dies meanwhile. Leaving the iterator early aborts."""
         self._check_alive()
         if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already in use; pass a unique one.")
+            raise InvalidParameter(
+                "request_id", f"request_id {request_id!r} is already in use; pass a unique one.")
         if not isinstance(prompt, ProcessedPrompt):
             if params is None:
                 params = self.input_processor.default_sampling_params()

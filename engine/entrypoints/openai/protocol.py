@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.inputs import CHAT_ROLES
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import InvalidParameter, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ class CompletionRequest(SamplingRequest):
         if isinstance(prompt, str):
             return [prompt]
         if not prompt:
-            raise ValueError("prompt is empty; pass a non-empty string or list of token ids.")
+            raise InvalidParameter("prompt",
+                                   "prompt is empty; pass a non-empty string or list of token ids.")
         if isinstance(prompt[0], int):
             return [list(prompt)]
         return list(prompt)
@@ -169,6 +170,6 @@ def _logit_bias(bias: Optional[dict[str, float]]) -> Optional[dict[int, float]]:
     try:
         return {int(token): float(value) for token, value in bias.items()}
     except ValueError:
-        raise ValueError(
-            f"logit_bias keys must be token ids (integers as strings), got {list(bias)[:5]}."
+        raise InvalidParameter(
+            "logit_bias", f"logit_bias keys must be token ids (integers as strings), got {list(bias)[:5]}."
         ) from None

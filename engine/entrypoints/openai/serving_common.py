@@ -7,7 +7,6 @@ a bad request gets its 400 as a normal response, never half-way through an SSE s
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from engine.engine_core.async_llm import AsyncLLM
 from engine.entrypoints.openai.errors import APIError
 from engine.entrypoints.openai.unsupported import refuse_unsupported
 from engine.outputs.request_output import PositionLogprobs
+from engine.sampling_params import InvalidParameter
 
 
 @dataclass
@@ -94,18 +94,19 @@ def request_fields(request: Any) -> dict[str, Any]:
 
 @contextmanager
 def admission(request: Any) -> Iterator[None]:
-    """Refuse unsupported fields, and turn the input checks' ValueErrors into 400s whose
-    `param` names the field the message starts with."""
+    """Refuse unsupported fields, and turn the input checks' errors into 400s: an
+    InvalidParameter names its field as `param` (a chat request's prompt is its
+    `messages`); any other ValueError has no field to name."""
     refuse_unsupported(request_fields(request))
     try:
         yield
+    except InvalidParameter as exc:
+        param = exc.param
+        if param == "prompt" and not hasattr(request, "prompt"):
+            param = "messages"
+        raise APIError(400, str(exc), param=param) from None
     except ValueError as exc:
-        message = str(exc)
-        match = re.match(r"(?:Prompt token|The prompt)|([a-z_]+)", message)
-        param = match.group(1) if match and match.group(1) else None
-        if match and match.group(0) in ("Prompt token", "The prompt"):
-            param = "prompt" if hasattr(request, "prompt") else "messages"
-        raise APIError(400, message, param=param) from None
+        raise APIError(400, str(exc), param=None) from None
 
 
 def new_request_id(prefix: str, given: Optional[str]) -> str:
