@@ -15,7 +15,7 @@ plain Python.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -88,11 +88,3 @@ def recv_activations(ctx: ParallelContext, num_tokens: int, hidden_size: int,
     buf = torch.empty(2, num_tokens, hidden_size, dtype=dtype, device=device)
     ctx.pp_comm.recv(buf, src=ctx.pp_rank - 1)
     return buf[0], buf[1]
-
-
-def stage_tokens(output: Optional[Any]) -> dict[str, list[int]]:
-    """{req_id: tokens sampled} of a runner output, for stages that did not sample."""
-    if output is None:
-        return {}
-    return {r: list(t) for r, t in zip(output.req_ids, output.sampled_token_ids, strict=True)
-            if t}

@@ -83,8 +83,8 @@ class RankedExecutor(Executor):
     Calls may overlap: `execute_model_async` submits a step and returns a handle at once
     (pipeline parallelism keeps one batch per stage in flight; async scheduling one more
     step). Every rank answers calls in the order it got them. The step output used is the
-    first rank of the last pipeline stage's; what that stage sampled is sent to the other
-    stages with the next step."""
+    first rank of the last pipeline stage's; every stage learns what it sampled from the
+    scheduler's next output."""
 
     _failure: Optional[str] = None
 
@@ -95,7 +95,6 @@ class RankedExecutor(Executor):
         self.pp_size = parallel.pipeline_parallel_size
         # The rank whose answer is the step's output: the first of the last stage.
         self.output_rank = (self.pp_size - 1) * parallel.tensor_parallel_size
-        self._unsent_tokens: dict[str, list[int]] = {}  # sampled there, not yet sent on
 
     @abc.abstractmethod
     def _submit(self, method: str, *args: Any) -> Any:
@@ -148,19 +147,10 @@ class RankedExecutor(Executor):
         return self.execute_model_async(scheduler_output).result()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingStep:
-        if self.pp_size == 1:
-            return PendingStep(self, self._submit("execute_model", scheduler_output))
-        tokens, self._unsent_tokens = self._unsent_tokens, {}
-        return PendingStep(self, self._submit("execute_model", scheduler_output, tokens))
+        return PendingStep(self, self._submit("execute_model", scheduler_output))
 
     def _step_result(self, submitted: Any) -> ModelRunnerOutput:
-        output = self._collect("execute_model", submitted)[self.output_rank]
-        if self.pp_size > 1:
-            from engine.distributed.pipeline import stage_tokens
-
-            for req_id, tokens in stage_tokens(output).items():
-                self._unsent_tokens.setdefault(req_id, []).extend(tokens)
-        return output
+        return self._collect("execute_model", submitted)[self.output_rank]
 
 
 class PendingStep:

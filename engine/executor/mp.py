@@ -12,7 +12,7 @@ Calls may overlap (pipeline parallelism): `execute_model_async` sends a step and
 handle at once. A worker answers calls in the order it got them, so rank r's n-th answer is
 the n-th call's; answers for later calls that arrive while an earlier one is awaited are
 kept until asked for. The step output used is the first rank of the last pipeline stage's;
-what that stage sampled is sent to the other stages with the next step.
+every stage learns what it sampled from the scheduler's next output.
 
 Workers are started with `subprocess` (not `multiprocessing`) because the engine core itself
 runs in a daemonic process when served, and daemonic processes may not have children.

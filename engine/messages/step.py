@@ -1,9 +1,14 @@
 """Messages between the scheduler and the worker side (torch-free).
 
-Rule: a request's full data crosses to the worker once (`NewRequestData`); after that only
-deltas do (`CachedRequestData`: new block ids). The worker appends the tokens it sampled
-itself, so decode steps send no token ids at all. A preempted request is dropped by the
-worker (`preempted_req_ids`) and comes back later as a new request carrying its outputs.
+Rule: the scheduler owns a request's progress and the workers apply it. A request's full
+data crosses to the worker once (`NewRequestData`); after that only deltas do
+(`CachedRequestData`): new block ids, the output tokens the scheduler learned since (values
+the worker would otherwise have to keep from its own results), and where this step starts
+(`num_computed_tokens`, which may also move back: recompute from there). Tokens past what the
+worker was sent are placeholders: their values are on the device, sampled by the worker's
+last step (async scheduling). The step's result is a plain message (`ModelRunnerOutput`).
+A preempted request is dropped by the worker (`preempted_req_ids`) and comes back later as a
+new request carrying its outputs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class NewRequestData:
 class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
+    # Position this step starts at (KV before it is in the cache), as the scheduler records
+    # it; a step after rejected tokens starts earlier than the last one ended.
     num_computed_tokens: int
+    # Output tokens sampled since the worker last heard of this request, in order.
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

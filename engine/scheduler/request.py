@@ -72,6 +72,9 @@ class Request:
         # Tokens sampled by batches still in flight, values not known here yet (async
         # scheduling: the next step is scheduled before the last one's output is back).
         self.num_output_placeholders = 0
+        # Output tokens the workers have been sent (they learn token values only from the
+        # scheduler's outputs; see `CachedRequestData.new_token_ids`).
+        self.num_output_tokens_sent = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[int] = None
         # Prefix-cache hit length when first scheduled; None until then.

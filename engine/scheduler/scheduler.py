@@ -179,7 +179,7 @@ class Scheduler:
             self._schedule_waiting(step)
         cached_reqs = [
             CachedRequestData(r.request_id, step.new_block_ids[r.request_id],
-                              r.num_computed_tokens)
+                              r.num_computed_tokens, self._unsent_tokens(r))
             for r in self.running
             if r.request_id in step.new_block_ids
         ]
@@ -199,6 +199,13 @@ class Scheduler:
                 request.num_output_placeholders += 1
         self._in_flight.update(step.num_scheduled.keys())  # count batches, not tokens
         return output
+
+    @staticmethod
+    def _unsent_tokens(request: Request) -> list[int]:
+        """Output tokens the workers have not been sent yet; from now on they have."""
+        new = request.output_token_ids[request.num_output_tokens_sent:]
+        request.num_output_tokens_sent = request.num_output_tokens
+        return new
 
     def _num_tokens_to_schedule(self, request: Request, num_computed: int, budget: int) -> int:
         known = request.num_tokens + request.num_output_placeholders
@@ -300,6 +307,7 @@ class Scheduler:
         if request.num_cached_tokens is None:
             request.num_cached_tokens = num_hit
             request.first_scheduled_time = time.time()
+        request.num_output_tokens_sent = request.num_output_tokens  # all of them, below
         step.new_reqs.append(
             NewRequestData(
                 req_id=request.request_id,

@@ -1,7 +1,10 @@
 """The worker's persistent view of the running requests, and the flat inputs of one step.
 
-Rule: request state crosses from the scheduler once and lives here; every step only applies
-the deltas (new blocks, finished ids) and appends the tokens this worker sampled itself.
+Rule: request state crosses from the scheduler once and lives here; every step applies the
+scheduler's deltas (new blocks, the output tokens it learned, where the step starts,
+finished ids) and keeps no count of its own. A scheduled position past the tokens this
+worker was sent is a placeholder: its value is the one this worker's last step sampled,
+still on the device.
 Inputs are built on the host with numpy (no per-token Python loops) and copied to the
 device once per step.
 """
@@ -32,10 +35,7 @@ class CachedRequestState:
     num_computed_tokens: int
     # Prompt logprobs gathered so far are sent as they are computed; nothing kept here.
     token_ids_np: np.ndarray = field(init=False)  # prompt + output, grows on demand
-    num_tokens: int = field(init=False)  # known on the host
-    # Sampled on the device by steps whose output has not been read yet (async scheduling):
-    # the next token's value lives in the last step's sampled tensor.
-    num_pending: int = 0
+    num_tokens: int = field(init=False)  # known on the host (sent by the scheduler)
 
     def __post_init__(self) -> None:
         tokens = self.prompt_token_ids + self.output_token_ids
@@ -81,6 +81,8 @@ class StepInputs:
     pending_src: Optional[torch.Tensor]
     query_start_loc_np: np.ndarray  # [num_reqs + 1] host copy
     start_positions_np: np.ndarray  # [num_reqs] host: first position computed this step
+    # [num_reqs] host: placeholder tokens (values on the device) among each request's own
+    num_placeholders_np: np.ndarray
 
 
 # Every per-step array uploaded to the device starts at a multiple of this many bytes.
@@ -129,6 +131,8 @@ class InputBatch:
         for cached in out.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
+            for token_id in cached.new_token_ids:
+                state.append_token(token_id)
             state.num_computed_tokens = cached.num_computed_tokens
         return failed
 
@@ -194,8 +198,8 @@ class InputBatch:
             + positions % self.block_size
         )
         seq_lens = starts + counts
-        num_known = np.fromiter((s.num_tokens + s.num_pending for s in states), np.int64,
-                                num_reqs)
+        # A request samples when the step reaches the end of its tokens, placeholder included.
+        num_known = np.fromiter((s.num_tokens for s in states), np.int64, num_reqs)
         sample_req_idx = np.nonzero(seq_lens >= num_known)[0]
 
         sample_token_idx = query_start_loc[1:][sample_req_idx] - 1
@@ -229,6 +233,7 @@ class InputBatch:
             pending_src=pending_d[num_pending:] if num_pending else None,
             query_start_loc_np=query_start_loc,
             start_positions_np=starts,
+            num_placeholders_np=np.maximum(seq_lens - num_known, 0),
         )
 
     def _upload(self, arrays: list[np.ndarray], dtype: type) -> list[torch.Tensor]:

@@ -207,16 +207,12 @@ class ModelRunner:
         attn_metadata = self.attn_backend.build_metadata(inputs.attn)
         hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
-        for req_id in inputs.req_ids:
-            self.input_batch.requests[req_id].num_computed_tokens += \
-                out.num_scheduled_tokens[req_id]
         sampled, logprobs, num_logprobs = self._sample(inputs, hidden)
-        sample_req_ids = [inputs.req_ids[i] for i in inputs.sample_req_idx]
-        for req_id in sample_req_ids:
-            self.input_batch.requests[req_id].num_pending += 1
+        # Where the next step finds the values of this step's samples (its placeholders).
         self._last_sampled = sampled
-        self._last_sample_row = {r: row for row, r in enumerate(sample_req_ids)}
-        return StepHandle(self, inputs.req_ids, inputs.sample_req_idx, sample_req_ids,
+        self._last_sample_row = {inputs.req_ids[i]: row
+                                 for row, i in enumerate(inputs.sample_req_idx)}
+        return StepHandle(inputs.req_ids, inputs.sample_req_idx,
                           *self._to_host(sampled, logprobs, prompt_logprobs), num_logprobs,
                           failed)
 
@@ -241,16 +237,6 @@ class ModelRunner:
             event.record()
         return host, host_logprobs, host_prompt, event
 
-    def _take_sampled(self, sample_req_ids: list[str], tokens: list[int]) -> None:
-        """A step's sampled tokens are known on the host: append them (requests finished
-        or preempted since are gone and skipped)."""
-        for req_id, token in zip(sample_req_ids, tokens, strict=True):
-            state = self.input_batch.requests.get(req_id)
-            if state is None:
-                continue
-            state.num_pending -= 1
-            state.append_token(token)
-
     def _sample(
         self, inputs: StepInputs, hidden: torch.Tensor
     ) -> tuple[Optional[torch.Tensor], Optional[LogprobsTensors], list[Optional[int]]]:
@@ -266,7 +252,7 @@ class ModelRunner:
             rows.append(
                 RequestSamplingState(
                     s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_id,
-                    num_pending=s.num_pending,
+                    num_pending=int(inputs.num_placeholders_np[i]),
                 )
             )
         meta = SamplingMetadata.build(rows, logits.shape[-1], logits.device,
@@ -342,26 +328,25 @@ class ModelRunner:
 
 
 class StepHandle:
-    """One launched step; `result()` waits for its results to reach the host (once), hands
-    the sampled tokens to the runner's request state, and gives the step's output."""
+    """One launched step; `result()` waits for its results to reach the host (once) and
+    gives the step's output, a plain message: the runner learns the sampled values from the
+    scheduler, with the next steps' `CachedRequestData.new_token_ids`."""
 
-    def __init__(self, runner: Optional[ModelRunner], req_ids: list[str],
-                 sample_req_idx: list[int], sample_req_ids: list[str],
+    def __init__(self, req_ids: list[str], sample_req_idx: list[int],
                  sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
                  prompt_logprobs: dict[str, LogprobsTensors], event: Any,
                  num_logprobs: list[Optional[int]],
                  failed: Optional[dict[str, str]] = None) -> None:
-        self._runner = runner
         self._failed = failed or {}
         self._req_ids, self._sample_req_idx = req_ids, sample_req_idx
-        self._sample_req_ids, self._sampled = sample_req_ids, sampled
+        self._sampled = sampled
         self._logprobs, self._prompt_logprobs = logprobs, prompt_logprobs
         self._event, self._num_logprobs = event, num_logprobs
         self._output: Optional[ModelRunnerOutput] = None
 
     @classmethod
     def done(cls, output: ModelRunnerOutput) -> StepHandle:
-        handle = cls(None, [], [], [], None, None, {}, None, [])
+        handle = cls([], [], None, None, {}, None, [])
         handle._output = output
         return handle
 
@@ -375,8 +360,6 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
         tokens: list[int] = [] if self._sampled is None else self._sampled.tolist()
-        assert self._runner is not None
-        self._runner._take_sampled(self._sample_req_ids, tokens)
         sampled: list[list[int]] = [[] for _ in self._req_ids]
         for row, i in enumerate(self._sample_req_idx):
             sampled[i] = [tokens[row]]
@@ -390,5 +373,4 @@ class StepHandle:
             req_ids=self._req_ids, sampled_token_ids=sampled, logprobs=logprobs,
             prompt_logprobs={r: t.entries() for r, t in self._prompt_logprobs.items()},
             failed=self._failed)
-        self._runner = None
         return self._output

@@ -3,9 +3,9 @@
 Rule: every stage gets the same scheduler outputs in the same order and keeps the same
 request state; a stage after the first receives (hidden, residual) from the previous stage
 instead of embedding, a stage before the last sends its output on and samples nothing. Only
-the last stage samples; the tokens it sampled reach the other stages with a later call
-(`apply_sampled_tokens`, sent by the executor before the request is scheduled again), so
-every stage's next decode input is the token the last stage chose.
+the last stage samples; the tokens it sampled reach every stage with the scheduler's next
+output for that request (`CachedRequestData.new_token_ids`), so every stage's next decode
+input is the token the last stage chose.
 
 Stages run eagerly (the platform's graph runner is not used with pipeline parallelism yet).
 Each stage keeps the (start, end) monotonic times of its last forwards (`timeline`), so a
@@ -30,7 +30,7 @@ class PipelineStageRunner(ModelRunner):
     def load_model(self) -> None:
         super().load_model()
         self.stage = Stage.of(self.parallel, self.config.model.hf_config.num_hidden_layers)
-        self.forward = GraphRunner(self._stage_forward, self.config)  # eager
+        self.forward = GraphRunner(self._stage_forward, self.config.for_platform())  # eager
         self.timeline: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
 
     @property
@@ -56,17 +56,6 @@ class PipelineStageRunner(ModelRunner):
         self.timeline.append((start, time.monotonic()))
         return out if self.stage.is_last else None
 
-    def apply_sampled_tokens(self, tokens: dict[str, list[int]]) -> None:
-        """Append what the last stage sampled (stages that did not sample only)."""
-        if self.stage.is_last:
-            return
-        for req_id, new in tokens.items():
-            state = self.input_batch.requests.get(req_id)
-            if state is None:
-                continue  # finished or preempted since: nothing to extend
-            for token in new:
-                state.append_token(token)
-
     def _dispatch(self, out: SchedulerOutput) -> StepHandle:
         if self.stage.is_last:
             return super()._dispatch(out)
@@ -76,7 +65,4 @@ class PipelineStageRunner(ModelRunner):
         inputs = self.input_batch.prepare(out)
         self.forward(inputs.input_ids, inputs.positions,
                      self.attn_backend.build_metadata(inputs.attn))
-        for req_id in inputs.req_ids:
-            self.input_batch.requests[req_id].num_computed_tokens += \
-                out.num_scheduled_tokens[req_id]
         return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))

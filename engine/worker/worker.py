@@ -76,20 +76,13 @@ class Worker:
     def warm_up(self) -> None:
         self.runner.warm_up()
 
-    def execute_model(self, scheduler_output: SchedulerOutput,
-                      sampled_tokens: Optional[dict[str, list[int]]] = None
-                      ) -> Optional[ModelRunnerOutput]:
-        """One step; `sampled_tokens` (pipeline parallelism) are the last stage's tokens
-        not yet seen by the other stages, applied first."""
-        return self.execute_model_async(scheduler_output, sampled_tokens).result()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        """One step (the driver's output; None elsewhere)."""
+        return self.execute_model_async(scheduler_output).result()
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput,
-                            sampled_tokens: Optional[dict[str, list[int]]] = None
-                            ) -> _DriverOnly:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> _DriverOnly:
         """Launch one step; the handle's result is the step's output on the driver (None
         elsewhere: only the driver's output travels back)."""
-        if sampled_tokens:
-            self.runner.apply_sampled_tokens(sampled_tokens)  # type: ignore[attr-defined]
         return _DriverOnly(self.runner.execute_model_async(scheduler_output), self.is_driver)
 
     def start_profile(self, directory: str) -> None:

@@ -56,8 +56,6 @@ def test_async_outputs_equal_sync(smollm2, sync_outputs):
     assert queue is not None and queue.num_overlapped > 20  # really overlapped
     assert llm.core.scheduler.kv_cache.num_free_blocks == llm.core.num_blocks
     assert not llm.core.scheduler._in_flight
-    pending = [s.num_pending for s in llm.core.executor.runner.input_batch.requests.values()]
-    assert not any(pending)
 
 
 def test_async_with_preemption_and_abort(smollm2):

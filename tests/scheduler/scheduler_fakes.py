@@ -35,9 +35,10 @@ def counting_next_token(seen: list[int]) -> int:
 
 @dataclass
 class _ReqState:
-    tokens: list[int]
+    tokens: list[int]  # prompt + every token sampled (the fake's "device" holds them all)
     block_ids: list[int]
     num_computed: int
+    sent: list[int]  # prompt + the outputs the scheduler has sent so far
 
 
 @dataclass
@@ -58,17 +59,22 @@ class FakeRunner:
             assert new.req_id not in self.reqs, "new request data sent twice"
             tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
             self.reqs[new.req_id] = _ReqState(tokens, list(new.block_ids),
-                                              new.num_computed_tokens)
+                                              new.num_computed_tokens, list(tokens))
         for cached in out.scheduled_cached_reqs:
             state = self.reqs[cached.req_id]
             assert state.num_computed == cached.num_computed_tokens
             state.block_ids.extend(cached.new_block_ids)
+            # The scheduler sends each sampled token once, in order, as sampled.
+            state.sent.extend(cached.new_token_ids)
+            assert state.sent == state.tokens[:len(state.sent)], (state.sent, state.tokens)
         assert len(set(out.num_scheduled_tokens)) == len(out.num_scheduled_tokens)
         req_ids, sampled = [], []
         for req_id, num in out.num_scheduled_tokens.items():
             state = self.reqs[req_id]
             end = state.num_computed + num
             assert end <= len(state.tokens)
+            # Every input token was sent, but for one placeholder (async: still on the device).
+            assert end <= len(state.sent) + 1, (req_id, end, len(state.sent))
             assert len(state.block_ids) * self.block_size >= end, "too few blocks"
             for pos in range(state.num_computed, end):
                 self.kv[self._slot(state, pos)] = state.tokens[pos]
