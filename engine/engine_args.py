@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from engine.config import EngineConfig
 
@@ -76,9 +76,11 @@ class EngineArgs(BaseModel):
         True, description="Split long prompts across steps to keep decode latency steady."
     )
     scheduling_policy: str = Field(
-        "fcfs", description="Order of waiting requests: 'fcfs' (arrival), 'priority' (the "
+        "fcfs", validation_alias=AliasChoices("scheduling_policy", "scheduler"),
+        description="Order of waiting requests: 'fcfs' (arrival), 'priority' (the "
         "request's priority, then arrival), 'fair' (the user served the fewest tokens first), "
-        "or a policy a plugin installs under the 'engine.schedulers' entry-point group."
+        "or a policy a plugin installs under the 'engine.schedulers' entry-point group "
+        "(also --scheduler / scheduler=)."
     )
     kv_cache_memory: Optional[int] = Field(
         None,

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from engine.engine_args import EngineArgs
 
 # Short aliases users know from other engines.
-_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}
+_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
+            "scheduling_policy": ["--scheduler"]}
 
 
 def _arg_type(annotation: Any) -> tuple[Any, Any]:
