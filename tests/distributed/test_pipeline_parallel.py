@@ -61,12 +61,13 @@ def test_micro_batches_are_in_flight_together(tiny_llama_kv1):
     assert max(sizes) == 4
     # The stages themselves overlap: stage 0 starts batch k+1 before stage 1 has finished
     # batch k. A one-batch-at-a-time pipeline never does (k+1 is not sent before k's result
-    # is back): 0 then, about half the steps here (a tiny model's stage takes about as long
-    # as the core's turn-around, so the count varies; at least 2 is required).
+    # is back): 0 then, about half the steps here when idle (a tiny model's stage takes about
+    # as long as the core's turn-around, so the count varies with load: one full run of the
+    # suite saw 1 of 12; one is already impossible without overlap).
     first, last = timelines
     assert len(first) == len(last) >= len(sizes)
     overlapping = sum(first[k + 1][0] < last[k][1] for k in range(len(first) - 1))
-    assert overlapping >= 2, (overlapping, len(sizes))
+    assert overlapping >= 1, (overlapping, len(sizes))
 
 
 def test_tp2_pp2_equals_tp1(tiny_llama_kv1):
