@@ -19,7 +19,6 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency
                  "repetition_penalty")
 
 
-
 class InvalidParameter(ValueError):
     """A request field outside what the engine takes; `param` names the field (the OpenAI
     error body's `param`), the message says the value, the limit and what to pass instead."""
@@ -27,6 +26,7 @@ class InvalidParameter(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
 
 class RequestOutputKind(enum.IntEnum):
     """How much of the output each `RequestOutput` of a request carries."""
