@@ -98,6 +98,7 @@ class EngineConfig:
     enforce_eager: bool
     max_logprobs: int
     parallel: ParallelConfig = ParallelConfig()
+    structured_outputs_backend: str = "auto"
 
     def for_platform(self) -> PlatformConfig:
         """The settings the platform reads (after `resolve_for_platform` filled dtype and

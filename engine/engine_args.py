@@ -115,6 +115,10 @@ class EngineArgs(BaseModel):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     max_logprobs: int = Field(20, ge=0, description="Largest logprobs / prompt_logprobs k.")
+    structured_outputs_backend: Literal["auto", "xgrammar"] = Field(
+        "auto", description="Grammar library for structured outputs (response_format, "
+        "structured_outputs): 'auto' picks xgrammar."
+    )
     tensor_parallel_size: int = Field(
         1, ge=1, description="Devices each layer is split across (one process per device)."
     )

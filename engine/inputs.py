@@ -146,6 +146,16 @@ class InputProcessor:
                 f"{limit - num_prompt_tokens} or raise --max-model-len."
             )
         self._check_param_token_ids(params)
+        if params.structured_outputs is not None:
+            from engine.structured_outputs.backend import GrammarError
+            from engine.structured_outputs.manager import check_structured_outputs
+
+            try:
+                check_structured_outputs(params.structured_outputs)
+            except GrammarError as exc:
+                raise InvalidParameter(
+                    "structured_outputs", f"structured_outputs.{params.structured_outputs.kind}"
+                    f" does not compile: {exc}") from None
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self._max_logprobs:

@@ -8,8 +8,9 @@ a msgspec Struct so it crosses the ZMQ boundary between API server and engine co
 from __future__ import annotations
 
 import enum
+import json
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -34,6 +35,50 @@ class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0  # everything produced so far (the `LLM` API)
     DELTA = 1  # only what is new since the last output (streaming)
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Constrain the output to a language (vLLM's names); exactly one field is set.
+
+    `json`: a JSON schema (a dict or its text); `json_object`: any JSON object; `regex`: a
+    regular expression the whole output matches; `choice`: one of these strings;
+    `grammar`: an EBNF (GBNF) grammar whose start rule is `root`. The engine masks every
+    token the language does not allow next, so the output is in the language unless it is
+    cut short (max_tokens, a stop string).
+    """
+
+    json: Optional[Union[str, dict[str, Any]]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidParameter(
+                "structured_outputs", "structured_outputs takes exactly one of json, regex, "
+                f"choice, grammar, json_object; got {given or 'none'}.")
+        if self.choice is not None and (not self.choice or not all(
+                isinstance(c, str) and c for c in self.choice)):
+            raise InvalidParameter("structured_outputs",
+                                   "structured_outputs.choice must be non-empty strings.")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, name) not in (None, False))
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text (a cache key with `kind`)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json":
+            return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        if self.kind == "choice":
+            return json.dumps(value)
+        return "" if self.kind == "json_object" else value
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -68,6 +113,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     logit_bias: Optional[dict[int, float]] = None
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

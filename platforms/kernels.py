@@ -17,6 +17,10 @@ in meaning; dtypes are the model's):
   -> (q, k)``: neox layout (first half / second half), cos in the cache's first half and sin
   in its second; may rotate in place and return its inputs.
 * ``silu_and_mul(x [T, 2d]) -> [T, d]``: silu(first half) * second half.
+* ``apply_token_bitmask(logits [R, V] float, bitmask [K, W] int32, rows [K] int64) -> None``:
+  in place, for each k, every logit of row ``rows[k]`` whose token t has bit ``t % 32`` of
+  word ``bitmask[k, t // 32]`` clear becomes -inf (structured outputs: the tokens a grammar
+  forbids); tokens past ``32 * W`` are forbidden; other rows are untouched.
 """
 
 from __future__ import annotations
@@ -72,11 +76,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)  # in place on silu's fresh output: one buffer, not two
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
+                        ) -> None:
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [K, W, 32], bit t % 32 of word t // 32
+    allowed = bits.reshape(bitmask.shape[0], -1).bool()
+    if allowed.shape[1] < vocab:
+        allowed = F.pad(allowed, (0, vocab - allowed.shape[1]))
+    selected = logits.index_select(0, rows)
+    selected.masked_fill_(~allowed[:, :vocab], float("-inf"))
+    logits.index_copy_(0, rows, selected)
+
+
 REFERENCE: Mapping[str, Callable[..., Any]] = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,
     "silu_and_mul": silu_and_mul,
+    "apply_token_bitmask": apply_token_bitmask,
 }
 KERNEL_NAMES: tuple[str, ...] = tuple(REFERENCE)
 

@@ -21,7 +21,9 @@ LAYERS: list[set[str]] = [
     {"distributed"},
     {"models"},
     {"engine_args", "worker", "kv_cache"},
-    {"scheduler", "executor", "outputs", "inputs", "tokenizer"},
+    {"tokenizer"},
+    {"structured_outputs"},  # grammars: over the tokenizer, checked by inputs, run by the core
+    {"scheduler", "executor", "outputs", "inputs"},
     {"engine_core", "metrics", "stats_logger"},
     {"entrypoints"},
     {"benchmarks"},

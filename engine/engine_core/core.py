@@ -7,10 +7,11 @@ is a timed checklist: select platform -> load -> size KV cache -> warm up.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,6 +22,7 @@ from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler
+from engine.structured_outputs.manager import StructuredOutputManager
 from platforms.registry import select_platform
 from platforms.scheduling import StaticBatching
 
@@ -100,9 +102,15 @@ class EngineCore:
         constraints = self.platform.scheduling_constraints(config.for_platform())
         self.async_scheduling = use_async_scheduling(config, self.platform, self.executor,
                                                      constraints)
+        # Structured outputs: grammars compile off the step loop; a request waits here for
+        # its own grammar only, then joins the scheduler with its matcher.
+        self.structured = StructuredOutputManager(config.model,
+                                                  config.structured_outputs_backend)
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, constraints,
                                    num_micro_batches=depth,
-                                   async_scheduling=self.async_scheduling)
+                                   async_scheduling=self.async_scheduling,
+                                   bitmask=self.structured.bitmask)
         if self.async_scheduling:
             depth = 2  # step N+1 is scheduled and launched while step N runs
         # Batches in flight, scheduled ahead (None: one at a time).
@@ -114,17 +122,44 @@ class EngineCore:
                     if self.async_scheduling else "off")
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request.from_engine_core_request(request))
+        req = Request.from_engine_core_request(request)
+        constraint = req.sampling_params.structured_outputs
+        if constraint is None:
+            self.scheduler.add_request(req)
+            return
+        self._compiling[req.request_id] = (req, self.structured.submit(constraint))
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        for req_id in request_ids:
+            self._compiling.pop(req_id, None)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
+        return (self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
+                or bool(self._compiling))
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar is ready to the scheduler (a grammar that did not
+        compile fails its request only). With nothing else to do, wait for one briefly."""
+        if not self.scheduler.has_unfinished_requests() and not self.batch_queue:
+            concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        for req_id, (req, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[req_id]
+            error: Any = future.exception()
+            if error is None:
+                req.grammar = future.result()
+            self.scheduler.add_request(req)
+            if error is not None:
+                self.scheduler.fail_request(req_id, f"structured_outputs: {error}")
 
     def step(self) -> EngineCoreOutputs:
         """One engine step. There is no prefill or decode phase: the scheduler decides how
         many tokens each request advances, the executor runs them in one batch."""
+        if self._compiling:
+            self._admit_compiled()
         if self.batch_queue is not None:
             return self._step_pipelined(self.batch_queue)
         scheduler_output = self.scheduler.schedule()
@@ -169,4 +204,5 @@ class EngineCore:
         return self.executor.stop_profile()
 
     def shutdown(self) -> None:
+        self.structured.shutdown()
         self.executor.shutdown()

@@ -14,7 +14,7 @@ new request carrying its outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from engine.messages.core import LogprobsEntry
 from engine.sampling_params import SamplingParams
@@ -53,6 +53,11 @@ class SchedulerOutput:
     # Requests the worker must forget: finished, aborted or preempted since the last step.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured outputs: the requests that sample this step under a grammar, and their
+    # allowed next tokens (numpy int32 [len(structured_req_ids), ceil(vocab / 32)]: bit t
+    # of word t // 32 set when token t is allowed).
+    structured_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: Optional[Any] = None
 
     @property
     def is_empty(self) -> bool:

@@ -75,6 +75,9 @@ class Request:
         # Output tokens the workers have been sent (they learn token values only from the
         # scheduler's outputs; see `CachedRequestData.new_token_ids`).
         self.num_output_tokens_sent = 0
+        # The structured-output matcher (`engine.structured_outputs.backend.Grammar`), set
+        # by the engine core once compiled; advanced here with every accepted token.
+        self.grammar: Optional[Any] = None
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[int] = None
         # Prefix-cache hit length when first scheduled; None until then.

@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache.block import KVCacheBlock
@@ -70,12 +70,16 @@ class Scheduler:
     def __init__(
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
         constraints: Optional[StaticBatching] = None, num_micro_batches: int = 1,
-        async_scheduling: bool = False,
+        async_scheduling: bool = False, bitmask: Optional[Callable[[list], tuple]] = None,
     ) -> None:
         if async_scheduling and (num_micro_batches > 1 or constraints is not None):
             raise ValueError("Async scheduling works with one micro-batch and no static "
                              "batching constraints.")
         self.config = config
+        # Structured outputs: grammars -> (token bitmask rows, dead-end row indexes); see
+        # engine.structured_outputs.manager.StructuredOutputManager.bitmask.
+        self._bitmask = bitmask
+        self._dead_ends: set[str] = set()  # grammars that allowed no token: fail at update
         self.num_micro_batches = num_micro_batches
         self.async_scheduling = async_scheduling
         # Scheduled, output not back yet: {req_id: batches in flight holding it}.
@@ -177,6 +181,7 @@ class Scheduler:
                 self._schedule_static_batch(step, self.constraints)
         elif not step.preempted:
             self._schedule_waiting(step)
+        structured_req_ids, grammar_bitmask = self._grammar_rows(step)
         cached_reqs = [
             CachedRequestData(r.request_id, step.new_block_ids[r.request_id],
                               r.num_computed_tokens, self._unsent_tokens(r))
@@ -190,6 +195,8 @@ class Scheduler:
             total_num_scheduled_tokens=sum(step.num_scheduled.values()),
             finished_req_ids=self._finished_req_ids,
             preempted_req_ids=step.preempted,
+            structured_req_ids=structured_req_ids,
+            grammar_bitmask=grammar_bitmask,
         )
         self._finished_req_ids = set()
         for req_id, num_tokens in step.num_scheduled.items():
@@ -199,6 +206,19 @@ class Scheduler:
                 request.num_output_placeholders += 1
         self._in_flight.update(step.num_scheduled.keys())  # count batches, not tokens
         return output
+
+    def _grammar_rows(self, step: _Step) -> tuple[list[str], Optional[Any]]:
+        """The structured requests that sample this step, and their token bitmask."""
+        rows = [self.requests[r] for r, n in step.num_scheduled.items()
+                if self.requests[r].grammar is not None
+                and self.requests[r].num_computed_tokens + n >= self.requests[r].num_tokens]
+        if not rows or self._bitmask is None:
+            return [], None
+        bitmask, dead = self._bitmask([r.grammar for r in rows])
+        for i in dead:  # nothing may come next: its sample is discarded and it fails
+            bitmask[i] = -1  # (any token, so the row's logits stay finite)
+            self._dead_ends.add(rows[i].request_id)
+        return [r.request_id for r in rows], bitmask
 
     @staticmethod
     def _unsent_tokens(request: Request) -> list[int]:
@@ -220,6 +240,8 @@ class Scheduler:
         params = request.sampling_params
         if params.uses_output_history:
             return True  # the sampler needs the token in flight
+        if request.grammar is not None:
+            return True  # its next bitmask needs the token in flight
         # Enough tokens are on their way already (max_tokens).
         return (params.max_tokens is not None and request.num_output_tokens
                 + request.num_output_placeholders >= params.max_tokens)
@@ -434,6 +456,11 @@ class Scheduler:
         self._count_prompt_tokens(request, start, num_scheduled)
         sampled = runner_output.sampled_token_ids[row] if row is not None else []
         request.num_output_placeholders -= len(sampled)
+        if req_id in self._dead_ends:
+            self._dead_ends.discard(req_id)
+            self.fail_request(req_id, "the structured-output grammar allows no next token "
+                                      "(a dead end), so the output cannot go on.")
+            return None
         new_token_ids = self._append_tokens(request, sampled)
         new_logprobs = None
         if runner_output.logprobs is not None and row is not None:
@@ -477,6 +504,9 @@ class Scheduler:
     def _append_tokens(self, request: Request, sampled: list[int]) -> list[int]:
         new_token_ids = []
         for token_id in sampled:
+            if request.grammar is not None and not request.grammar.accept_token(token_id):
+                raise RuntimeError(f"token {token_id} is not allowed by the request's "
+                                   "structured-output grammar")
             request.append_output_token(token_id)
             new_token_ids.append(token_id)
             if check_stop(request, self.config.max_model_len):

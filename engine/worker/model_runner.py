@@ -207,7 +207,7 @@ class ModelRunner:
         attn_metadata = self.attn_backend.build_metadata(inputs.attn)
         hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
-        sampled, logprobs, num_logprobs = self._sample(inputs, hidden)
+        sampled, logprobs, num_logprobs = self._sample(inputs, hidden, out)
         # Where the next step finds the values of this step's samples (its placeholders).
         self._last_sampled = sampled
         self._last_sample_row = {inputs.req_ids[i]: row
@@ -215,6 +215,18 @@ class ModelRunner:
         return StepHandle(inputs.req_ids, inputs.sample_req_idx,
                           *self._to_host(sampled, logprobs, prompt_logprobs), num_logprobs,
                           failed)
+
+    def _apply_grammar(self, logits: torch.Tensor, inputs: StepInputs,
+                       out: SchedulerOutput) -> None:
+        row_of = {inputs.req_ids[i]: row for row, i in enumerate(inputs.sample_req_idx)}
+        keep = [k for k, r in enumerate(out.structured_req_ids) if r in row_of]
+        if not keep:
+            return
+        bitmask = torch.from_numpy(out.grammar_bitmask[keep]).to(logits.device,
+                                                                 non_blocking=True)
+        rows = torch.tensor([row_of[out.structured_req_ids[k]] for k in keep],
+                            dtype=torch.int64).to(logits.device, non_blocking=True)
+        self.kernels["apply_token_bitmask"](logits, bitmask, rows)
 
     def _to_host(self, sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
                  prompt_logprobs: dict[str, LogprobsTensors]) -> tuple[Any, ...]:
@@ -238,14 +250,17 @@ class ModelRunner:
         return host, host_logprobs, host_prompt, event
 
     def _sample(
-        self, inputs: StepInputs, hidden: torch.Tensor
+        self, inputs: StepInputs, hidden: torch.Tensor, out: SchedulerOutput
     ) -> tuple[Optional[torch.Tensor], Optional[LogprobsTensors], list[Optional[int]]]:
         """The sampled ids of the sampling rows, their logprobs (both on the device), and
-        each row's logprobs k."""
+        each row's logprobs k. Rows under a structured-output grammar first lose every
+        token the scheduler's bitmask forbids."""
         if not inputs.sample_req_idx:
             return None, None, []
         assert self.model is not None
         logits = self.model.compute_logits(hidden[inputs.sample_token_idx])
+        if out.grammar_bitmask is not None:
+            self._apply_grammar(logits, inputs, out)
         rows = []
         for i in inputs.sample_req_idx:
             s = self.input_batch.requests[inputs.req_ids[i]]

@@ -76,6 +76,7 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         max_logprobs=args.max_logprobs,
+        structured_outputs_backend=args.structured_outputs_backend,
         parallel=_parallel_config(args, hf_config),
     )
 

@@ -1,0 +1,148 @@
+"""Structured outputs on SmolLM2 (real weights, offline `LLM`): JSON schemas, regex, choice
+and an EBNF grammar constrain the output; unconstrained neighbours in the batch are
+unchanged; a constraint that does not compile is refused naming the library's reason; and
+the bitmask op equals its bit-by-bit definition."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.sampling_params import InvalidParameter, StructuredOutputsParams
+from platforms.kernels import apply_token_bitmask
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                      "sizes": {"type": "array", "items": {"type": "integer"},
+                                                "minItems": 1, "maxItems": 3}},
+     "required": ["colour", "sizes"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "population": {"type": "number", "minimum": 0}},
+        "required": ["name", "population"], "additionalProperties": False}},
+     "required": ["city"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4},
+]
+ARITHMETIC = r'''
+root ::= expr
+expr ::= term (("+" | "-") term)*
+term ::= factor (("*" | "/") factor)*
+factor ::= [0-9]+ | "(" expr ")"
+'''
+
+
+def _expression_parses(text: str) -> bool:
+    pos = 0
+
+    def expr() -> bool:
+        nonlocal pos
+        if not term():
+            return False
+        while pos < len(text) and text[pos] in "+-":
+            pos += 1
+            if not term():
+                return False
+        return True
+
+    def term() -> bool:
+        nonlocal pos
+        if not factor():
+            return False
+        while pos < len(text) and text[pos] in "*/":
+            pos += 1
+            if not factor():
+                return False
+        return True
+
+    def factor() -> bool:
+        nonlocal pos
+        if pos < len(text) and text[pos] == "(":
+            pos += 1
+            if not expr() or pos >= len(text) or text[pos] != ")":
+                return False
+            pos += 1
+            return True
+        start = pos
+        while pos < len(text) and text[pos].isdigit():
+            pos += 1
+        return pos > start
+
+    return expr() and pos == len(text)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    return LLM(model=smollm2, kv_cache_memory="256m", max_num_seqs=16)
+
+
+def _constrained(**constraint) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=80,
+                          structured_outputs=StructuredOutputsParams(**constraint))
+
+
+def test_constrained_outputs_are_in_their_language_and_neighbours_are_unchanged(llm):
+    plain = SamplingParams(temperature=0.0, max_tokens=24)
+    plain_prompts = ["The capital of France is", "def fibonacci(n):"]
+    alone = [o.outputs[0].token_ids for o in llm.generate(plain_prompts, plain, use_tqdm=False)]
+    cases = [(f"Write JSON for item {i}:", _constrained(json=s)) for i, s in enumerate(SCHEMAS)]
+    cases += [("A phone number:", _constrained(regex=r"\(\d{3}\) \d{3}-\d{4}")),
+              ("Pick a fruit:", _constrained(choice=["apple", "pear", "plum"])),
+              ("Some arithmetic:", _constrained(grammar=ARITHMETIC)),
+              ("Give a JSON object with a name field:", _constrained(json_object=True))]
+    prompts = [p for p, _ in cases] + plain_prompts
+    params = [p for _, p in cases] + [plain] * len(plain_prompts)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    for schema, out in zip(SCHEMAS, outs):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+    phone, fruit, arithmetic, anything = (o.text for o in outs[len(SCHEMAS):len(cases)])
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", phone), phone
+    assert fruit in ("apple", "pear", "plum")
+    assert _expression_parses(arithmetic), arithmetic
+    assert isinstance(json.loads(anything), dict)
+    assert [o.token_ids for o in outs[len(cases):]] == alone
+
+
+@pytest.mark.parametrize("constraint, words", [
+    ({"regex": "[a-"}, "position"), ({"json": "{not json"}, "JSON"),
+    ({"grammar": "root ::= "}, "line 1"),
+])
+def test_an_invalid_constraint_is_refused_with_the_librarys_reason(llm, constraint, words):
+    with pytest.raises(InvalidParameter, match=words) as err:
+        llm.generate(["x"], _constrained(**constraint), use_tqdm=False)
+    assert err.value.param == "structured_outputs"
+
+
+def test_exactly_one_constraint():
+    with pytest.raises(InvalidParameter, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    with pytest.raises(InvalidParameter, match="exactly one"):
+        StructuredOutputsParams()
+    with pytest.raises(InvalidParameter, match="non-empty"):
+        StructuredOutputsParams(choice=[])
+
+
+def test_bitmask_op_equals_its_bit_by_bit_definition():
+    gen = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 33), (5, 100), (4, 2049)):
+        logits = torch.randn(rows, vocab, generator=gen)
+        words = (vocab + 31) // 32
+        masked = torch.randperm(rows, generator=gen)[: max(1, rows - 1)]
+        bitmask = torch.randint(-2**31, 2**31 - 1, (len(masked), words), generator=gen,
+                                dtype=torch.int64).to(torch.int32)
+        want = logits.clone()
+        for k, r in enumerate(masked.tolist()):
+            for t in range(vocab):
+                if not (int(bitmask[k, t // 32]) >> (t % 32)) & 1:
+                    want[r, t] = float("-inf")
+        got = logits.clone()
+        apply_token_bitmask(got, bitmask, masked)
+        assert torch.equal(got, want)
