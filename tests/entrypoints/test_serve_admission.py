@@ -35,11 +35,8 @@ BAD = [  # (route, body, param)
     ("completions", {**CMPL, "seed": "5"}, "seed"),
 ] + [
     ("chat/completions", {**CHAT, name: value}, name) for name, value in [
-        ("response_format", {"type": "json_object"}), ("tools", [{"type": "function",
-         "function": {"name": "f"}}]), ("tool_choice", "required"),
-        ("structured_outputs", {"json": {}}), ("guided_json", {}), ("guided_regex", "a+"),
-        ("guided_choice", ["a"]), ("guided_grammar", "root ::= 'a'"),
-        ("reasoning_effort", "low"), ("functions", [{"name": "f"}]),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"), ("reasoning_effort", "low"), ("functions", [{"name": "f"}]),
         ("function_call", "auto")]
 ] + [("completions", {**CMPL, "suffix": "end"}, "suffix")]
 

@@ -8,12 +8,17 @@ clients keep working. Anything left `None` takes the model's default sampling pa
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.inputs import CHAT_ROLES
-from engine.sampling_params import InvalidParameter, RequestOutputKind, SamplingParams
+from engine.sampling_params import (
+    InvalidParameter,
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,18 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = "schema"
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class SamplingRequest(OpenAIBaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -77,6 +94,13 @@ class SamplingRequest(OpenAIBaseModel):
     prompt_logprobs: Optional[Int64] = None
     priority: Int64 = 0
     request_id: Optional[str] = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_*
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     def to_sampling_params(self, defaults: SamplingParams, max_tokens: Optional[int],
                            logprobs: Optional[int], echo_logprobs: bool) -> SamplingParams:
@@ -100,7 +124,38 @@ class SamplingRequest(OpenAIBaseModel):
             skip_special_tokens=self.skip_special_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(self.logit_bias),
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=self.structured_outputs_params(),
         )
+
+    def structured_outputs_params(self) -> Optional[StructuredOutputsParams]:
+        """The one output constraint the request names, if any (more than one is a 400)."""
+        given: list[tuple[str, StructuredOutputsParams]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.json_schema if fmt.json_schema is not None else None
+            if schema is None:
+                raise InvalidParameter("response_format", "response_format of type "
+                                       "json_schema needs json_schema.schema.")
+            given.append(("response_format", StructuredOutputsParams(json=schema)))
+        if self.structured_outputs is not None:
+            try:
+                given.append(("structured_outputs",
+                              StructuredOutputsParams(**self.structured_outputs)))
+            except TypeError as exc:
+                raise InvalidParameter("structured_outputs", f"structured_outputs: {exc}; it "
+                                       "takes json, regex, choice, grammar or json_object.") \
+                    from None
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                           ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, StructuredOutputsParams(**{kind: value})))
+        if len(given) > 1:
+            raise InvalidParameter(given[1][0], "a request takes one output constraint; got "
+                                   + ", ".join(name for name, _ in given) + ".")
+        return given[0][1] if given else None
 
     @property
     def include_usage(self) -> bool:

@@ -14,19 +14,11 @@ from engine.entrypoints.openai.errors import APIError
 
 # field -> (is the value harmless?, what the client should know)
 UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-                        "structured output is not implemented; only {'type': 'text'} is "
-                        "accepted"),
     "tools": (lambda v: not v, "tool calling is not implemented"),
     "tool_choice": (lambda v: v in (None, "none"), "tool calling is not implemented; only "
                     "'none' is accepted"),
     "functions": (lambda v: not v, "function calling is not implemented"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not implemented"),
-    "structured_outputs": (lambda v: v is None, "structured output is not implemented"),
-    "guided_json": (lambda v: v is None, "guided decoding is not implemented"),
-    "guided_regex": (lambda v: v is None, "guided decoding is not implemented"),
-    "guided_choice": (lambda v: v is None, "guided decoding is not implemented"),
-    "guided_grammar": (lambda v: v is None, "guided decoding is not implemented"),
     "suffix": (lambda v: v is None, "insertion (suffix) is not implemented"),
     "reasoning_effort": (lambda v: v is None, "reasoning effort is not implemented"),
 }
