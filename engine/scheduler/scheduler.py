@@ -79,7 +79,7 @@ class Scheduler:
         # Structured outputs: grammars -> (token bitmask rows, dead-end row indexes); see
         # engine.structured_outputs.manager.StructuredOutputManager.bitmask.
         self._bitmask = bitmask
-        self._dead_ends: set[str] = set()  # grammars that allowed no token: fail at update
+        self._dead_ends: set[str] = set()  # grammars that allowed no token: end at update
         self.num_micro_batches = num_micro_batches
         self.async_scheduling = async_scheduling
         # Scheduled, output not back yet: {req_id: batches in flight holding it}.
@@ -456,11 +456,12 @@ class Scheduler:
         self._count_prompt_tokens(request, start, num_scheduled)
         sampled = runner_output.sampled_token_ids[row] if row is not None else []
         request.num_output_placeholders -= len(sampled)
-        if req_id in self._dead_ends:
+        if req_id in self._dead_ends:  # its grammar allows nothing more: the output ends
             self._dead_ends.discard(req_id)
-            self.fail_request(req_id, "the structured-output grammar allows no next token "
-                                      "(a dead end), so the output cannot go on.")
-            return None
+            logger.warning("Request %r: its structured-output grammar allows no next token; "
+                           "the output ends here.", req_id)
+            sampled = []
+            request.status = RequestStatus.FINISHED_STOPPED
         new_token_ids = self._append_tokens(request, sampled)
         new_logprobs = None
         if runner_output.logprobs is not None and row is not None:
@@ -503,13 +504,17 @@ class Scheduler:
 
     def _append_tokens(self, request: Request, sampled: list[int]) -> list[int]:
         new_token_ids = []
+        grammar = request.grammar
         for token_id in sampled:
-            if request.grammar is not None and not request.grammar.accept_token(token_id):
+            if grammar is not None and not grammar.accept_token(token_id):
                 raise RuntimeError(f"token {token_id} is not allowed by the request's "
                                    "structured-output grammar")
             request.append_output_token(token_id)
             new_token_ids.append(token_id)
             if check_stop(request, self.config.max_model_len):
+                break
+            if grammar is not None and grammar.is_terminated():
+                request.status = RequestStatus.FINISHED_STOPPED  # its language is complete
                 break
         self._num_generation_tokens += len(new_token_ids)
         return new_token_ids

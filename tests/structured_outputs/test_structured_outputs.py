@@ -146,3 +146,10 @@ def test_bitmask_op_equals_its_bit_by_bit_definition():
         got = logits.clone()
         apply_token_bitmask(got, bitmask, masked)
         assert torch.equal(got, want)
+
+
+def test_a_complete_language_ends_the_output_even_with_ignore_eos(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(regex="(yes|no)"))
+    out = llm.generate(["Answer:"], params, use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
