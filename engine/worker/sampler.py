@@ -198,6 +198,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Te
             probs = values.softmax(-1)  # over the top-k survivors
             cumulative = probs.cumsum(dim=-1)
             cut = (cumulative - probs >= meta.top_p.unsqueeze(1)) & (meta.top_p < 1.0).unsqueeze(1)
+            cut[:, 0] = False  # the top token stays (a top_p below float32's range is 0)
             values.masked_fill_(cut, float("-inf"))
         kept = torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
         result = torch.where(has_top_k.unsqueeze(1), kept, logits)
@@ -214,8 +215,11 @@ def _top_p_full_sort(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Top-p over the whole vocabulary for rows without top-k (same arithmetic as above)."""
     values, indices = logits.sort(dim=-1, descending=True)
     probs = logits.softmax(-1).gather(1, indices)
-    # A token stays if the mass of the tokens above it is below top_p, so the first always stays.
-    values.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1), float("-inf"))
+    # A token stays if the mass of the tokens above it is below top_p; the first always stays
+    # (said outright: a top_p below float32's smallest number arrives as 0).
+    cut = probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)
+    cut[:, 0] = False
+    values.masked_fill_(cut, float("-inf"))
     return torch.empty_like(logits).scatter_(1, indices, values)
 
 

@@ -355,3 +355,14 @@ def test_greedy_argmax_equals_argmax_with_ties(vocab, rows):
     expected = logits.argmax(dim=-1)
     assert torch.equal(greedy_argmax(logits), expected)
     assert greedy_argmax(logits)[0].item() == 0  # all equal: the first index
+
+
+def test_a_top_p_below_float32s_range_still_keeps_the_top_token() -> None:
+    """2.2e-308 is a valid top_p (in (0, 1]) that float32 holds as 0; the nucleus is then
+    the top token alone, never nothing (which sampled token 0 from an all -inf row)."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    for top_k in (None, 10):
+        rows = [_row(top_p=2.2250738585072014e-308, top_k=top_k, temperature=1.0)
+                for _ in range(3)]
+        out = _sample(logits.clone(), rows)
+        assert out.sampled.tolist() == logits.argmax(-1).tolist()
