@@ -79,12 +79,17 @@ def make_workload(
     return Workload(prompts, output_lens)
 
 
-def run_engine(llm, workload: Workload, ignore_eos: bool = True) -> Result:
-    from engine.sampling_params import SamplingParams
+def run_engine(llm, workload: Workload, ignore_eos: bool = True,
+               schema: Optional[dict] = None) -> Result:
+    """`schema`: every request's output is constrained to this JSON schema (its outputs
+    then end when their JSON does, so only the tokens produced are counted)."""
+    from engine.sampling_params import SamplingParams, StructuredOutputsParams
 
+    constraint = None if schema is None else StructuredOutputsParams(json=schema)
     params = [
-        SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n if ignore_eos else 0,
-                       ignore_eos=ignore_eos)
+        SamplingParams(temperature=0.0, max_tokens=n,
+                       min_tokens=n if ignore_eos and schema is None else 0,
+                       ignore_eos=ignore_eos, structured_outputs=constraint)
         for n in workload.output_lens
     ]
     t0 = time.perf_counter()
@@ -93,10 +98,45 @@ def run_engine(llm, workload: Workload, ignore_eos: bool = True) -> Result:
     )
     seconds = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if schema is not None:
+        return Result("engine + json schema", seconds, len(workload.prompts),
+                      workload.num_prompt_tokens, produced)
     if ignore_eos and produced != workload.num_output_tokens:
         raise RuntimeError(f"engine produced {produced} tokens, expected "
                            f"{workload.num_output_tokens}")
     return Result("engine", seconds, len(workload.prompts), workload.num_prompt_tokens, produced)
+
+
+def _load_schema(text: str) -> dict:
+    import json
+    import os
+
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    return json.loads(text)
+
+
+def _first_token_times(llm, prompt: list[int], schema: dict) -> list[str]:
+    """Time to the first token of one request: no constraint, a schema never seen (its
+    grammar compiles first), the same schema again (compiled: cached)."""
+    import copy
+    import uuid
+
+    from engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+    fresh = copy.deepcopy(schema)  # a schema nobody compiled yet: same shape, new title
+    fresh["title"] = f"first-seen-{uuid.uuid4().hex}"
+    times = {}
+    for name, constraint in (("none", None), ("first-seen schema", fresh),
+                             ("seen schema", fresh)):
+        params = SamplingParams(temperature=0.0, max_tokens=1, structured_outputs=None
+                                if constraint is None else StructuredOutputsParams(json=constraint))
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        times[name] = (time.perf_counter() - t0) * 1000
+    return ["time to first token, one request: " + ", ".join(
+        f"{name} {ms:.1f} ms" for name, ms in times.items())]
 
 
 def load_hf_model(model_config, dtype, device=None):
@@ -174,8 +214,9 @@ def subset(workload: Workload, num_prompts: Optional[int]) -> Workload:
 
 def print_table(results: list[Result]) -> None:
     print_columns([["runner", "seconds", "requests/s", "total tok/s", "output tok/s"]] + [r.row() for r in results])
-    if len(results) == 2:
-        a, b = results
+    peers = [r for r in results if r.name == "hf-transformers"]
+    if peers:
+        a, b = results[0], peers[0]
         ratio = (a.output_tokens / a.seconds) / (b.output_tokens / b.seconds)
         print(f"useful output tokens/s ratio {a.name} / {b.name}: {ratio:.2f}x")
 
@@ -196,6 +237,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "workload would take it too long (rates stay comparable per token).")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="Every request produces exactly its output length.")
+    parser.add_argument("--structured-json", default=None, metavar="SCHEMA",
+                        help="Also run the workload with every output constrained to this JSON "
+                        "schema (a file or the JSON text): output tokens/s ratio, and the time "
+                        "to first token of a schema seen for the first time vs none.")
     from engine.benchmarks import roofline
 
     roofline.add_ceiling_args(parser, default=False, measures="compute roofline (2 x non-embedding params flop per token)")
@@ -219,6 +264,19 @@ def main(args: argparse.Namespace) -> int:
     print(f"workload: {len(workload.prompts)} prompts, {workload.num_prompt_tokens} prompt "
           f"tokens, {workload.num_output_tokens} output tokens")
     results = [run_engine(llm, workload, args.ignore_eos)]
+    structured_lines: list[str] = []
+    if args.structured_json:
+        # The first pass also warms the engine (the KV cache's pages are touched on first
+        # use): the plain run that is compared comes after, next to the constrained one.
+        schema = _load_schema(args.structured_json)
+        results = [run_engine(llm, workload, args.ignore_eos),
+                   run_engine(llm, workload, args.ignore_eos, schema=schema)]
+        plain, constrained = results
+        ratio = (constrained.output_tokens / constrained.seconds) / (
+            plain.output_tokens / plain.seconds)
+        structured_lines.append(f"output tokens/s ratio with / without the json schema: "
+                                f"{ratio:.2f}")
+        structured_lines.extend(_first_token_times(llm, workload.prompts[0], schema))
     platform, model_config = llm.core.platform, llm.config.model
     num_params = roofline.non_embedding_params(roofline.counted_model(llm))
     llm_tp = llm.config.parallel.tensor_parallel_size
@@ -238,6 +296,8 @@ def main(args: argparse.Namespace) -> int:
         results.append(run_hf(hf_model, peer, pad, args.hf_batch_size or len(peer.prompts),
                               platform.synchronize))
     print_table(results)
+    for line in structured_lines:
+        print(line)
     if ceilings is not None:
         engine = results[0]
         total = (engine.prompt_tokens + engine.output_tokens) / engine.seconds
