@@ -158,6 +158,7 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.kv_cache.free(request)
         del self.requests[request.request_id]
+        self._dead_ends.discard(request.request_id)
         self._finished_req_ids.add(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -215,7 +216,7 @@ class Scheduler:
         if not rows or self._bitmask is None:
             return [], None
         bitmask, dead = self._bitmask([r.grammar for r in rows])
-        for i in dead:  # nothing may come next: its sample is discarded and it fails
+        for i in dead:  # nothing may come next: its sample is discarded and it ends (stop)
             bitmask[i] = -1  # (any token, so the row's logits stay finite)
             self._dead_ends.add(rows[i].request_id)
         return [r.request_id for r in rows], bitmask
