@@ -508,8 +508,13 @@ class Scheduler:
         grammar = request.grammar
         for token_id in sampled:
             if grammar is not None and not grammar.accept_token(token_id):
-                raise RuntimeError(f"token {token_id} is not allowed by the request's "
-                                   "structured-output grammar")
+                # Every token the grammar allowed was removed after the mask (min_tokens
+                # hides EOS, say): nothing in the language can follow, so the output ends.
+                logger.warning("Request %r: sampled token %d is outside its structured-output "
+                               "grammar (no allowed token survived sampling); the output "
+                               "ends here.", request.request_id, token_id)
+                request.status = RequestStatus.FINISHED_STOPPED
+                break
             request.append_output_token(token_id)
             new_token_ids.append(token_id)
             if check_stop(request, self.config.max_model_len):

@@ -153,3 +153,12 @@ def test_a_complete_language_ends_the_output_even_with_ignore_eos(llm):
                             structured_outputs=StructuredOutputsParams(regex="(yes|no)"))
     out = llm.generate(["Answer:"], params, use_tqdm=False)[0].outputs[0]
     assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
+def test_min_tokens_hiding_the_only_allowed_token_ends_the_output_cleanly(llm):
+    """Once "yes" is complete only EOS is allowed, and min_tokens masks EOS: no allowed
+    token survives, so the output ends there (schemathesis found this as a 500)."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, min_tokens=10,
+                            structured_outputs=StructuredOutputsParams(regex="(yes|no)"))
+    out = llm.generate(["Answer:"], params, use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
