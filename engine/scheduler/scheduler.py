@@ -210,10 +210,14 @@ class Scheduler:
 
     def _grammar_rows(self, step: _Step) -> tuple[list[str], Optional[Any]]:
         """The structured requests that sample this step, and their token bitmask."""
-        rows = [self.requests[r] for r, n in step.num_scheduled.items()
-                if self.requests[r].grammar is not None
-                and self.requests[r].num_computed_tokens + n >= self.requests[r].num_tokens]
-        if not rows or self._bitmask is None:
+        if self._bitmask is None:
+            return [], None
+        rows = []
+        for req_id, n in step.num_scheduled.items():
+            request = self.requests[req_id]
+            if request.grammar is not None and request.num_computed_tokens + n >= request.num_tokens:
+                rows.append(request)
+        if not rows:
             return [], None
         bitmask, dead = self._bitmask([r.grammar for r in rows])
         for i in dead:  # nothing may come next: its sample is discarded and it ends (stop)
