@@ -17,6 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 LAYERS: list[set[str]] = [
     {"", "sampling_params"},  # "": the package root, whose exports are lazy
     {"messages"},  # what the layers exchange: a leaf
+    {"reasoning", "tool_parsers"},  # text-only parsers of model output formats: leaves
     {"config"},  # the resolved, frozen configuration
     {"distributed"},
     {"models"},
@@ -29,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"benchmarks"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
-TORCH_FREE = ("messages", "scheduler", "kv_cache")
+TORCH_FREE = ("messages", "scheduler", "kv_cache", "reasoning", "tool_parsers")
 
 
 def _unit(module: str) -> Optional[str]:
