@@ -99,6 +99,7 @@ class EngineConfig:
     max_logprobs: int
     parallel: ParallelConfig = ParallelConfig()
     structured_outputs_backend: str = "auto"
+    reasoning_parser: Optional[str] = None
 
     def for_platform(self) -> PlatformConfig:
         """The settings the platform reads (after `resolve_for_platform` filled dtype and

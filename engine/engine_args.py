@@ -119,6 +119,11 @@ class EngineArgs(BaseModel):
         "auto", description="Grammar library for structured outputs (response_format, "
         "structured_outputs): 'auto' picks xgrammar."
     )
+    reasoning_parser: Optional[str] = Field(
+        None, description="How the model marks its reasoning (deepseek_r1, qwen3, or a "
+        "plugin's): the server returns it as reasoning_content, and structured outputs "
+        "constrain only the answer after it."
+    )
     tensor_parallel_size: int = Field(
         1, ge=1, description="Devices each layer is split across (one process per device)."
     )
@@ -141,6 +146,15 @@ class EngineArgs(BaseModel):
     @classmethod
     def _sizes(cls, value: Any) -> Any:
         return parse_size(value)
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _reasoning_parser(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            from engine.reasoning import get_reasoning_parser
+
+            get_reasoning_parser(value)  # ValueError naming the known ones
+        return value
 
     def create_config(self) -> EngineConfig:
         from engine.models.loader.resolve import resolve_model_config

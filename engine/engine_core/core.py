@@ -105,7 +105,8 @@ class EngineCore:
         # Structured outputs: grammars compile off the step loop; a request waits here for
         # its own grammar only, then joins the scheduler with its matcher.
         self.structured = StructuredOutputManager(config.model,
-                                                  config.structured_outputs_backend)
+                                                  config.structured_outputs_backend,
+                                                  config.reasoning_parser)
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, constraints,
                                    num_micro_batches=depth,
@@ -127,7 +128,8 @@ class EngineCore:
         if constraint is None:
             self.scheduler.add_request(req)
             return
-        self._compiling[req.request_id] = (req, self.structured.submit(constraint))
+        self._compiling[req.request_id] = (
+            req, self.structured.submit(constraint, req.prompt_token_ids))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for req_id in request_ids:

@@ -38,7 +38,8 @@ def check_structured_outputs(params: StructuredOutputsParams) -> None:
 
 
 class StructuredOutputManager:
-    def __init__(self, model_config: ModelConfig, backend: str = "auto") -> None:
+    def __init__(self, model_config: ModelConfig, backend: str = "auto",
+                 reasoning_parser: Optional[str] = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"structured outputs backend {backend!r} is not one of "
                              f"{', '.join(BACKENDS)}.")
@@ -48,6 +49,13 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self._compiled: dict[tuple[str, str], concurrent.futures.Future] = {}
+        # With a reasoning parser, grammars apply after the reasoning (reasoning_gate.py).
+        self._reasoning = None
+        if reasoning_parser is not None:
+            from engine.reasoning import get_reasoning_parser
+
+            self._reasoning = get_reasoning_parser(reasoning_parser)
+        self._tokenizer: Any = None
 
     def _get_backend(self) -> StructuredOutputBackend:
         with self._lock:
@@ -55,16 +63,30 @@ class StructuredOutputManager:
                 from engine.structured_outputs.xgrammar_backend import XgrammarBackend
                 from engine.tokenizer import load_tokenizer
 
-                tokenizer = load_tokenizer(self._model_config)
-                self._backend = XgrammarBackend(tokenizer, self.vocab_size)
+                self._tokenizer = load_tokenizer(self._model_config)
+                self._backend = XgrammarBackend(self._tokenizer, self.vocab_size)
             return self._backend
+
+    def _gated(self, grammar: Grammar, prompt_token_ids: Optional[list[int]]) -> Grammar:
+        """`grammar`, held back while the output reasons (when a reasoning parser is set)."""
+        parser = self._reasoning
+        if parser is None:
+            return grammar
+        from engine.structured_outputs.reasoning_gate import ReasoningGate
+
+        tok = self._tokenizer
+        prompt_tail = tok.decode(list(prompt_token_ids or [])[-64:]) if tok is not None else ""
+        return ReasoningGate(grammar, tok.encode(parser.start, add_special_tokens=False),
+                             tok.encode(parser.end, add_special_tokens=False),
+                             parser.opens_reasoning(prompt_tail))
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         return self._get_backend().compile(params)
 
-    def submit(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
+    def submit(self, params: StructuredOutputsParams,
+               prompt_token_ids: Optional[list[int]] = None) -> concurrent.futures.Future:
         """A future of a fresh matcher for `params` (GrammarError inside if it does not
-        compile)."""
+        compile); the prompt says whether the output starts inside the reasoning."""
         key = (params.kind, params.spec)
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -73,7 +95,8 @@ class StructuredOutputManager:
 
         def done(f: concurrent.futures.Future) -> None:
             try:
-                matcher.set_result(self._get_backend().matcher(f.result()))
+                matcher.set_result(self._gated(self._get_backend().matcher(f.result()),
+                                               prompt_token_ids))
             except GrammarError as exc:
                 self._compiled.pop(key, None)
                 matcher.set_exception(exc)

@@ -77,6 +77,7 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         max_logprobs=args.max_logprobs,
         structured_outputs_backend=args.structured_outputs_backend,
+        reasoning_parser=args.reasoning_parser,
         parallel=_parallel_config(args, hf_config),
     )
 
