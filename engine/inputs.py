@@ -7,6 +7,7 @@ The engine core trusts what it receives.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional, Union
 
@@ -84,8 +85,10 @@ class InputProcessor:
         add_generation_prompt: bool = True,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
         continue_final_message: bool = False,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> str:
-        """The conversation rendered as one prompt string, by the override or model template."""
+        """The conversation rendered as one prompt string, by the override or model template
+        (`tools`: OpenAI tool definitions, handed to the template as `tools`)."""
         template = self._chat_template or getattr(self._tokenizer, "chat_template", None)
         if not template:
             raise ValueError(
@@ -104,6 +107,7 @@ class InputProcessor:
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            **({"tools": tools} if tools else {}),
             **(chat_template_kwargs or {}),
         )
         return rendered
@@ -223,4 +227,28 @@ def template_message(message: dict[str, Any], index: int = 0) -> dict[str, Any]:
             "messages", f"messages[{index}].content must be a string or a list of content "
             f"parts, got {type(content).__name__}.")
     out = {k: v for k, v in message.items() if k not in ("role", "content")}
+    if role == "assistant" and out.get("tool_calls"):
+        out["tool_calls"] = _template_tool_calls(out["tool_calls"], index)
     return {"role": role, "content": content, **out}
+
+
+def _template_tool_calls(tool_calls: list[Any], index: int) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls as chat templates expect them: the arguments as
+    an object (the API carries them as JSON text)."""
+    out = []
+    for j, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidParameter("messages", f"messages[{index}].tool_calls[{j}] needs "
+                                   "function.name and function.arguments.")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as exc:
+                raise InvalidParameter(
+                    "messages", f"messages[{index}].tool_calls[{j}].function.arguments is not "
+                    f"JSON: {exc}.") from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
+

@@ -118,9 +118,11 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
     ) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of {"role", "content"} dicts) or
-        several; the model's chat template (or `chat_template`) builds each prompt."""
+        several; the model's chat template (or `chat_template`) builds each prompt, with
+        `tools` (OpenAI tool definitions) when given."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         processor = self.input_processor
         if chat_template is not None:
@@ -133,7 +135,7 @@ class LLM:
             processor.apply_chat_template(
                 [template_message(m, j) for j, m in enumerate(conv)], add_generation_prompt=add_generation_prompt,
                 chat_template_kwargs=chat_template_kwargs,
-                continue_final_message=continue_final_message,
+                continue_final_message=continue_final_message, tools=tools,
             )
             for conv in conversations
         ]

@@ -63,6 +63,15 @@ def register(subparsers: Any) -> None:
                         "every --log-stats-interval seconds while requests run.")
     server.add_argument("--log-stats-interval", type=float, default=10.0,
                         help="Seconds between two stats lines (default: 10).")
+    server.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                        help="Find tool calls in the model's output for tool_choice='auto' "
+                        "(hermes: Qwen/Hermes <tool_call>; llama3_json: Llama 3.x; "
+                        "mistral: [TOOL_CALLS]; or a plugin's from the engine.tool_parsers "
+                        "entry points). Without it, 'auto' is refused with a 400; "
+                        "'required' and named tool choices work either way.")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Accepted for vLLM compatibility: tool_choice='auto' is on "
+                        "whenever --tool-call-parser is given (which this flag needs).")
     add_engine_args(parser)
     parser.set_defaults(func=run)
 
@@ -80,6 +89,18 @@ def run(args: argparse.Namespace) -> int:
         print("error: no model; pass MODEL or --model MODEL (an HF directory, a GGUF file or "
               "a hub id).", file=sys.stderr)
         return 2
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        print("error: --enable-auto-tool-choice needs --tool-call-parser NAME.",
+              file=sys.stderr)
+        return 2
+    if args.tool_call_parser is not None:
+        from engine.tool_parsers import get_tool_parser
+
+        try:
+            get_tool_parser(args.tool_call_parser)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not args.log_stats_interval > 0:
         print(f"error: --log-stats-interval must be > 0, got {args.log_stats_interval}.",
               file=sys.stderr)
@@ -128,7 +149,13 @@ async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) 
         from engine.stats_logger import StatsLogger
 
         llm.observers.append(StatsLogger(args.log_stats_interval))
-    state = ServerState(engine=llm, model_names=names, model_path=args.model)
+    reasoning = None
+    if llm.config.reasoning_parser is not None:
+        from engine.reasoning import get_reasoning_parser
+
+        reasoning = get_reasoning_parser(llm.config.reasoning_parser)
+    state = ServerState(engine=llm, model_names=names, model_path=args.model,
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=reasoning)
     app = build_app(state, registry, api_key=args.api_key,
                     max_request_body_bytes=args.max_request_body_bytes)
     server = _server_class()(uvicorn.Config(

@@ -35,10 +35,14 @@ BAD = [  # (route, body, param)
     ("completions", {**CMPL, "seed": "5"}, "seed"),
 ] + [
     ("chat/completions", {**CHAT, name: value}, name) for name, value in [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "required"), ("reasoning_effort", "low"), ("functions", [{"name": "f"}]),
-        ("function_call", "auto")]
-] + [("completions", {**CMPL, "suffix": "end"}, "suffix")]
+        ("reasoning_effort", "low"), ("functions", [{"name": "f"}]), ("function_call", "auto")]
+] + [("completions", {**CMPL, "suffix": "end"}, "suffix")] + [
+    # tools with tool_choice="auto" (the default) on a server without --tool-call-parser,
+    # and a choice that needs tools without any
+    ("chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tool_choice"),
+    ("chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+]
 
 
 @pytest.fixture(scope="module")

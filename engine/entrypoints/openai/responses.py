@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from engine.entrypoints.openai.protocol import ErrorResponse
 
-FinishReason = Optional[Literal["stop", "length", "abort", "error"]]
+FinishReason = Optional[Literal["stop", "length", "tool_calls", "abort", "error"]]
 StopReason = Optional[Union[int, str]]
 
 
@@ -70,9 +70,25 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="A JSON object, as text.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
+    """`content` is null when the answer is only tool calls; `reasoning_content` is there
+    with --reasoning-parser."""
+
     role: Literal["assistant"]
-    content: str
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = None
 
 
 class ChatChoice(BaseModel):
@@ -92,9 +108,25 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first delta has its id, type and name; later ones add to its arguments."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -31,6 +31,9 @@ class ServerState:
     ready: bool = True
     # Set on SIGTERM/SIGINT: new work gets 503 while requests in flight finish or time out.
     draining: bool = False
+    # --tool-call-parser (None: tool_choice="auto" is refused) and --reasoning-parser.
+    tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[Any] = None
 
     @property
     def default_model_name(self) -> str:

@@ -14,11 +14,10 @@ from engine.entrypoints.openai.errors import APIError
 
 # field -> (is the value harmless?, what the client should know)
 UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: not v, "tool calling is not implemented"),
-    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not implemented; only "
-                    "'none' is accepted"),
-    "functions": (lambda v: not v, "function calling is not implemented"),
-    "function_call": (lambda v: v in (None, "none"), "function calling is not implemented"),
+    "functions": (lambda v: not v, "the deprecated functions field is not implemented; "
+                  "send the same definitions as tools=[{'type': 'function', 'function': ...}]"),
+    "function_call": (lambda v: v in (None, "none"), "the deprecated function_call field is "
+                      "not implemented; use tool_choice"),
     "suffix": (lambda v: v is None, "insertion (suffix) is not implemented"),
     "reasoning_effort": (lambda v: v is None, "reasoning effort is not implemented"),
 }
