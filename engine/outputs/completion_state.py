@@ -28,6 +28,7 @@ class CompletionState:
         tokenizer: Any,
         token_texts: Optional[TokenTexts],
         special_ids: Optional[frozenset[int]] = None,
+        eos_token_id: Optional[int] = None,
     ) -> None:
         self.index = index
         self.core_request_id = core_request_id
@@ -42,6 +43,9 @@ class CompletionState:
             )
         self._token_texts = token_texts if params.detokenize else None
         self._stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+        # Tokens that end an output without being part of its text.
+        self._stop_token_ids = frozenset(params.stop_token_ids or ()) | (
+            {eos_token_id} if eos_token_id is not None else set())
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: Optional[list[PositionLogprobs]] = (
@@ -74,14 +78,16 @@ class CompletionState:
         if output.new_prompt_logprobs and self.prompt_logprobs is not None:
             self.prompt_logprobs.extend(output.new_prompt_logprobs, self._token_texts)
         new_ids = output.new_token_ids
-        # The engine core stops on EOS / stop token ids: the last new id is that token.
+        # When the engine core stops on EOS / a stop token id, the last new id is that
+        # token (a grammar that completes, or allows nothing more, stops on a real token).
         stop_token_last = output.finish_reason == FinishReason.STOP
         for i, token_id in enumerate(new_ids):
             self._has_new = True
             self.token_ids.append(token_id)
             if output.new_logprobs is not None and i < len(output.new_logprobs):
                 self._add_logprobs(output.new_logprobs[i])
-            is_stop_token = stop_token_last and i == len(new_ids) - 1
+            is_stop_token = (stop_token_last and i == len(new_ids) - 1
+                             and token_id in self._stop_token_ids)
             if is_stop_token and not self._params.include_stop_str_in_output:
                 continue  # the stop token's text is not part of the output
             if self._detokenize_and_check(token_id):

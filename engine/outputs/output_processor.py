@@ -121,6 +121,7 @@ class OutputProcessor:
                 self._tokenizer,
                 self._token_texts,
                 self._special_ids,
+                eos_token_id,
             )
             parent.completions.append(completion)
             self._children[core_id] = (parent, completion)
