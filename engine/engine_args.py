@@ -115,9 +115,10 @@ class EngineArgs(BaseModel):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     max_logprobs: int = Field(20, ge=0, description="Largest logprobs / prompt_logprobs k.")
-    structured_outputs_backend: Literal["auto", "xgrammar"] = Field(
+    structured_outputs_backend: Literal["auto", "xgrammar", "guidance"] = Field(
         "auto", description="Grammar library for structured outputs (response_format, "
-        "structured_outputs): 'auto' picks xgrammar."
+        "structured_outputs, tool_choice): 'auto' takes xgrammar, and llguidance for a "
+        "constraint xgrammar refuses or would not enforce (JSON-schema not/if/then/else)."
     )
     reasoning_parser: Optional[str] = Field(
         None, description="How the model marks its reasoning (deepseek_r1, qwen3, or a "

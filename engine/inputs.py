@@ -39,6 +39,7 @@ class InputProcessor:
         chat_template: Optional[str] = None,
         *,
         vocab_size: Optional[int] = None,
+        structured_outputs_backend: str = "auto",
     ) -> None:
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
@@ -47,6 +48,7 @@ class InputProcessor:
         self._chat_template = _load_chat_template(chat_template)
         # The model may pad its embedding table past the tokenizer; either bound is a valid id.
         self._vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
+        self._structured_outputs_backend = structured_outputs_backend
 
     def process(
         self, prompt: Union[str, list[int]], params: SamplingParams
@@ -155,7 +157,8 @@ class InputProcessor:
             from engine.structured_outputs.manager import check_structured_outputs
 
             try:
-                check_structured_outputs(params.structured_outputs)
+                check_structured_outputs(params.structured_outputs,
+                                         self._structured_outputs_backend)
             except GrammarError as exc:
                 raise InvalidParameter(
                     "structured_outputs", f"structured_outputs.{params.structured_outputs.kind}"

@@ -60,6 +60,7 @@ class AsyncLLM:
             tokenizer, max_model_len=model.max_model_len, max_logprobs=config.max_logprobs,
             generation_defaults=model.generation_defaults, chat_template=model.chat_template,
             vocab_size=max(model.vocab_size, len(tokenizer)),
+            structured_outputs_backend=config.structured_outputs_backend,
         )
         self.output_processor = OutputProcessor(tokenizer)
         self.eos_token_id = _eos_token_id(tokenizer_module, model, tokenizer)

@@ -58,6 +58,7 @@ class LLM:
             generation_defaults=model_config.generation_defaults,
             chat_template=model_config.chat_template,
             vocab_size=max(model_config.vocab_size, len(self.tokenizer)),
+            structured_outputs_backend=self.config.structured_outputs_backend,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = resolve_eos_token_id(model_config, self.tokenizer)
@@ -130,6 +131,7 @@ class LLM:
                 self.tokenizer, self.config.model.max_model_len, self.config.max_logprobs,
                 self.config.model.generation_defaults, chat_template,
                 vocab_size=max(self.config.model.vocab_size, len(self.tokenizer)),
+                structured_outputs_backend=self.config.structured_outputs_backend,
             )
         prompts = [
             processor.apply_chat_template(

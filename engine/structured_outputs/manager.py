@@ -2,15 +2,20 @@
 
 Rule: one manager per engine core. Compilation runs in a worker thread (xgrammar's compiler
 works outside the GIL), cached by (kind, constraint text), so a request waits only for its
-own grammar and a schema seen before is ready at once. The tokenizer and the backend are
-built on the first structured request: engines that never see one pay nothing.
+own grammar and a schema seen before is ready at once. The tokenizer and the backends are
+built on the first structured request: engines that never see one pay nothing. Backends:
+"auto" takes xgrammar, and llguidance for what xgrammar refuses or would not enforce;
+"xgrammar" and "guidance" take only that library.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
@@ -21,20 +26,102 @@ from engine.structured_outputs.backend import Grammar, GrammarError, StructuredO
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "xgrammar")
+BACKENDS = ("auto", "xgrammar", "guidance")
+# JSON-schema keywords xgrammar accepts but does not enforce (checked: a schema with them
+# compiles, and output that breaks them is accepted). Never silently wrong: under "auto"
+# such a schema goes to llguidance, which enforces them or refuses them by name.
+XGRAMMAR_IGNORES = frozenset({"not", "if", "then", "else"})
+# Keywords whose value maps names to schemas (the names are not keywords).
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions",
+                "dependentSchemas")
 
 
-def check_structured_outputs(params: StructuredOutputsParams) -> None:
-    """GrammarError if the constraint is invalid, or no grammar library is installed
-    (tokenizer-free; for admission)."""
-    try:
-        import xgrammar  # noqa: F401
-    except ImportError:
-        raise GrammarError("structured outputs need the xgrammar package: "
-                           "pip install 'engine[structured]'.") from None
-    from engine.structured_outputs.xgrammar_backend import XgrammarBackend
+def ignored_by_xgrammar(params: StructuredOutputsParams) -> list[str]:
+    """The keywords of a JSON-schema constraint that xgrammar would ignore."""
+    if params.kind != "json":
+        return []
+    schema = params.json
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            return []  # the backend names the syntax error
+    found: set[str] = set()
 
-    XgrammarBackend.check(params)
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in XGRAMMAR_IGNORES:
+                    found.add(key)
+                if key in _SCHEMA_MAPS and isinstance(value, dict):
+                    for sub in value.values():
+                        walk(sub)
+                elif key not in ("enum", "const", "default", "examples"):
+                    walk(value)
+
+    walk(schema)
+    return sorted(found)
+
+
+def _installed(backend: str) -> bool:
+    return importlib.util.find_spec("xgrammar" if backend == "xgrammar" else "llguidance") \
+        is not None
+
+
+def _backend_class(name: str) -> type[StructuredOutputBackend]:
+    if name == "xgrammar":
+        from engine.structured_outputs.xgrammar_backend import XgrammarBackend
+
+        return XgrammarBackend
+    from engine.structured_outputs.guidance_backend import GuidanceBackend
+
+    return GuidanceBackend
+
+
+def candidates(params: StructuredOutputsParams, backend: str) -> list[str]:
+    """The backends to try for `params`, in order; GrammarError when none may take it."""
+    ignored = ignored_by_xgrammar(params)
+    if backend == "xgrammar":
+        if ignored:
+            raise GrammarError(f"xgrammar does not enforce the JSON-schema keywords {ignored}; "
+                               "use --structured-outputs-backend guidance (or auto), or drop "
+                               "them.")
+        order = ["xgrammar"]
+    elif backend == "guidance":
+        order = ["guidance"]
+    else:
+        order = ["guidance"] if ignored else ["xgrammar", "guidance"]
+    available = [name for name in order if _installed(name)]
+    if not available:
+        package = "llguidance" if order == ["guidance"] else "xgrammar"
+        raise GrammarError(f"structured outputs need the {package} package: "
+                           "pip install 'engine[structured]'.")
+    return available
+
+
+def _first_that_takes(params: StructuredOutputsParams, names: list[str],
+                      attempt: Callable[[str], Any]) -> tuple[str, Any]:
+    """(backend, attempt(backend)) for the first backend that does not raise GrammarError;
+    else a GrammarError with each backend's reason."""
+    errors = []
+    for name in names:
+        try:
+            return name, attempt(name)
+        except GrammarError as exc:
+            errors.append((name, str(exc)))
+    if len(errors) == 1:
+        raise GrammarError(errors[0][1])
+    raise GrammarError("; ".join(f"{name}: {why}" for name, why in errors))
+
+
+def check_structured_outputs(params: StructuredOutputsParams, backend: str = "auto") -> None:
+    """GrammarError if no backend allowed by `backend` takes the constraint, or none is
+    installed (tokenizer-free; for admission)."""
+    _first_that_takes(params, candidates(params, backend),
+                      lambda name: _backend_class(name).check(params))
 
 
 class StructuredOutputManager:
@@ -45,9 +132,11 @@ class StructuredOutputManager:
                              f"{', '.join(BACKENDS)}.")
         self._model_config = model_config
         self.vocab_size = model_config.vocab_size
-        self._backend: Optional[StructuredOutputBackend] = None
+        self._backend_name = backend
+        self._backends: dict[str, StructuredOutputBackend] = {}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        # (kind, constraint) -> future of (backend name, compiled grammar)
         self._compiled: dict[tuple[str, str], concurrent.futures.Future] = {}
         # With a reasoning parser, grammars apply after the reasoning (reasoning_gate.py).
         self._reasoning = None
@@ -57,15 +146,21 @@ class StructuredOutputManager:
             self._reasoning = get_reasoning_parser(reasoning_parser)
         self._tokenizer: Any = None
 
-    def _get_backend(self) -> StructuredOutputBackend:
+    def _get_backend(self, name: str) -> StructuredOutputBackend:
         with self._lock:
-            if self._backend is None:
-                from engine.structured_outputs.xgrammar_backend import XgrammarBackend
-                from engine.tokenizer import load_tokenizer
+            backend = self._backends.get(name)
+            if backend is None:
+                if self._tokenizer is None:
+                    from engine.tokenizer import load_tokenizer
 
-                self._tokenizer = load_tokenizer(self._model_config)
-                self._backend = XgrammarBackend(self._tokenizer, self.vocab_size)
-            return self._backend
+                    self._tokenizer = load_tokenizer(self._model_config)
+                backend = _backend_class(name)(self._tokenizer, self.vocab_size)
+                self._backends[name] = backend
+            return backend
+
+    def _compile(self, params: StructuredOutputsParams) -> tuple[str, Any]:
+        return _first_that_takes(params, candidates(params, self._backend_name),
+                                 lambda name: self._get_backend(name).compile(params))
 
     def _gated(self, grammar: Grammar, prompt_token_ids: Optional[list[int]]) -> Grammar:
         """`grammar`, held back while the output reasons (when a reasoning parser is set)."""
@@ -80,9 +175,6 @@ class StructuredOutputManager:
                              tok.encode(parser.end, add_special_tokens=False),
                              parser.opens_reasoning(prompt_tail))
 
-    def _compile(self, params: StructuredOutputsParams) -> Any:
-        return self._get_backend().compile(params)
-
     def submit(self, params: StructuredOutputsParams,
                prompt_token_ids: Optional[list[int]] = None) -> concurrent.futures.Future:
         """A future of a fresh matcher for `params` (GrammarError inside if it does not
@@ -95,7 +187,8 @@ class StructuredOutputManager:
 
         def done(f: concurrent.futures.Future) -> None:
             try:
-                matcher.set_result(self._gated(self._get_backend().matcher(f.result()),
+                name, compiled = f.result()
+                matcher.set_result(self._gated(self._get_backend(name).matcher(compiled),
                                                prompt_token_ids))
             except GrammarError as exc:
                 self._compiled.pop(key, None)

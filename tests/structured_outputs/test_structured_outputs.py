@@ -14,6 +14,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.sampling_params import InvalidParameter, StructuredOutputsParams
+from engine.structured_outputs.backend import GrammarError
+from engine.structured_outputs.manager import check_structured_outputs
 from platforms.kernels import apply_token_bitmask
 
 SCHEMAS = [
@@ -88,32 +90,69 @@ def _constrained(**constraint) -> SamplingParams:
                           structured_outputs=StructuredOutputsParams(**constraint))
 
 
-def test_constrained_outputs_are_in_their_language_and_neighbours_are_unchanged(llm):
-    plain = SamplingParams(temperature=0.0, max_tokens=24)
-    plain_prompts = ["The capital of France is", "def fibonacci(n):"]
-    alone = [o.outputs[0].token_ids for o in llm.generate(plain_prompts, plain, use_tqdm=False)]
+def _cases() -> list[tuple[str, SamplingParams]]:
     cases = [(f"Write JSON for item {i}:", _constrained(json=s)) for i, s in enumerate(SCHEMAS)]
-    cases += [("A phone number:", _constrained(regex=r"\(\d{3}\) \d{3}-\d{4}")),
-              ("Pick a fruit:", _constrained(choice=["apple", "pear", "plum"])),
-              ("Some arithmetic:", _constrained(grammar=ARITHMETIC)),
-              ("Give a JSON object with a name field:", _constrained(json_object=True))]
-    prompts = [p for p, _ in cases] + plain_prompts
-    params = [p for _, p in cases] + [plain] * len(plain_prompts)
-    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    return cases + [("A phone number:", _constrained(regex=r"\(\d{3}\) \d{3}-\d{4}")),
+                    ("Pick a fruit:", _constrained(choice=["apple", "pear", "plum"])),
+                    ("Some arithmetic:", _constrained(grammar=ARITHMETIC)),
+                    ("Give a JSON object with a name field:", _constrained(json_object=True))]
+
+
+def _check_languages(outs) -> None:
     for schema, out in zip(SCHEMAS, outs):
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), schema)
-    phone, fruit, arithmetic, anything = (o.text for o in outs[len(SCHEMAS):len(cases)])
+    phone, fruit, arithmetic, anything = (o.text for o in outs[len(SCHEMAS):len(SCHEMAS) + 4])
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", phone), phone
     assert fruit in ("apple", "pear", "plum")
     assert _expression_parses(arithmetic), arithmetic
     assert isinstance(json.loads(anything), dict)
+
+
+def test_constrained_outputs_are_in_their_language_and_neighbours_are_unchanged(llm):
+    plain = SamplingParams(temperature=0.0, max_tokens=24)
+    plain_prompts = ["The capital of France is", "def fibonacci(n):"]
+    alone = [o.outputs[0].token_ids for o in llm.generate(plain_prompts, plain, use_tqdm=False)]
+    cases = _cases()
+    prompts = [p for p, _ in cases] + plain_prompts
+    params = [p for _, p in cases] + [plain] * len(plain_prompts)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    _check_languages(outs)
     assert [o.token_ids for o in outs[len(cases):]] == alone
+
+
+def test_the_llguidance_backend_constrains_the_same_languages(smollm2):
+    llm = LLM(model=smollm2, kv_cache_memory="128m", max_num_seqs=16,
+              structured_outputs_backend="guidance")
+    cases = _cases()
+    outs = [o.outputs[0] for o in llm.generate([p for p, _ in cases], [p for _, p in cases],
+                                                use_tqdm=False)]
+    _check_languages(outs)
+    with pytest.raises(InvalidParameter, match="not") as err:  # refused by name, not ignored
+        llm.generate(["x"], _constrained(json={"not": {"type": "string"}}), use_tqdm=False)
+    assert err.value.param == "structured_outputs"
+
+
+def test_auto_falls_back_to_llguidance_and_never_ignores_a_keyword(llm):
+    # xgrammar refuses minProperties without properties; llguidance compiles it.
+    schema = {"type": "object", "minProperties": 1}
+    out = llm.generate(["A JSON object:"], _constrained(json=schema), use_tqdm=False)[0]
+    if out.outputs[0].finish_reason == "stop":
+        assert len(json.loads(out.outputs[0].text)) >= 1
+    # xgrammar compiles `not` but does not enforce it: auto sends it to llguidance, which
+    # refuses it by name; the xgrammar backend refuses it too.
+    with pytest.raises(InvalidParameter, match="not"):
+        llm.generate(["x"], _constrained(json={"not": {"type": "string"}}), use_tqdm=False)
+    with pytest.raises(GrammarError, match="does not enforce"):
+        check_structured_outputs(StructuredOutputsParams(
+            json={"type": "object", "properties": {"not": {"if": {}}}}), "xgrammar")
+    check_structured_outputs(StructuredOutputsParams(  # a property named "not" is fine
+        json={"type": "object", "properties": {"not": {"type": "integer"}}}), "xgrammar")
 
 
 @pytest.mark.parametrize("constraint, words", [
     ({"regex": "[a-"}, "position"), ({"json": "{not json"}, "JSON"),
-    ({"grammar": "root ::= "}, "line 1"),
+    ({"grammar": "root ::= foo"}, "line 1"),
 ])
 def test_an_invalid_constraint_is_refused_with_the_librarys_reason(llm, constraint, words):
     with pytest.raises(InvalidParameter, match=words) as err:
