@@ -1,4 +1,9 @@
-"""The xgrammar backend (the default)."""
+"""The xgrammar backend (the default).
+
+JSON is compiled without free whitespace (", " and ": " separators, as llguidance writes it):
+whitespace means nothing in JSON, and free whitespace lets a small model fill max_tokens
+with newlines instead of finishing the object.
+"""
 
 from __future__ import annotations
 
@@ -44,9 +49,9 @@ class XgrammarBackend(StructuredOutputBackend):
         kind, compiler = params.kind, self._compiler
         try:
             if kind == "json":
-                return compiler.compile_json_schema(params.spec)
+                return compiler.compile_json_schema(params.spec, any_whitespace=False)
             if kind == "json_object":
-                return compiler.compile_builtin_json_grammar()
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
@@ -65,7 +70,7 @@ class XgrammarBackend(StructuredOutputBackend):
         kind = params.kind
         try:
             if kind == "json":
-                xgr.Grammar.from_json_schema(params.spec)
+                xgr.Grammar.from_json_schema(params.spec, any_whitespace=False)
             elif kind == "regex":
                 xgr.Grammar.from_regex(params.regex)
             elif kind == "grammar":
