@@ -36,10 +36,10 @@ PIP=("$PY" -m pip)
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
   PIP=("$PY" "$(ls "$WH"/pip-*.whl | head -1)/pip")   # pip runs from its own wheel
 fi
-if "${PIP[@]}" install -q --no-index --find-links "$WH" "engine[cuda]" pytest pytest-timeout \
+if "${PIP[@]}" install -q --no-index --find-links "$WH" "engine[cuda,structured]" pytest pytest-timeout \
     >"$LOG/install.log" 2>&1
 then
-  say "installed engine[cuda] from $WH into $("$PY" -c 'import sys; print(sys.prefix)')"
+  say "installed engine[cuda,structured] from $WH into $("$PY" -c 'import sys; print(sys.prefix)')"
 else
   # The image's environment is not writable (or pip refused): put the wheels of what it lacks
   # into a folder of our own, first on the path.

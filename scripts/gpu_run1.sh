@@ -28,6 +28,12 @@ if [[ " $* " == *" throughput "* ]]; then
     --ignore-eos --max-model-len 2048 --ceilings --hf-num-prompts ${HF_NP:-32} ${TP_ARGS:-} \
     >"$OUT/throughput.log" 2>&1; tail -25 "$OUT/throughput.log"
 fi
+if [[ " $* " == *" structured "* ]]; then
+  timeout 400 python3 -m engine.entrypoints.cli bench throughput /tmp/llama-3.1-8b-shape \
+    --load-format dummy --dtype bfloat16 --num-prompts ${SO_NP:-256} --input-len 512 --output-len 128 \
+    --ignore-eos --max-model-len 2048 --no-hf-peer --structured-json scripts/bench_schema.json \
+    ${SO_ARGS:-} >"$OUT/structured.log" 2>&1; tail -12 "$OUT/structured.log"
+fi
 if [[ " $* " == *" decode-profile "* ]]; then
   timeout 200 python3 plugins/cuda/scripts/profile_decode.py /tmp/llama-3.1-8b-shape \
     --out "$OUT/decode" >"$OUT/decode.log" 2>&1; head -8 "$OUT/decode.log"

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The accelerator image has these (and their own dependencies): never download them.
 IMAGE_HAS = ("torch", "triton", "numpy", "transformers")
 # Extras of the root distribution the wheelhouse serves, and tools the GPU check runs.
-EXTRAS = ("cuda",)
+EXTRAS = ("cuda", "structured")
 TOOLS = ("pytest", "pytest-timeout", "pip")
 _SKIP_COPY = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info", "tests",
                                     ".pytest_cache")
@@ -143,7 +143,8 @@ def _platform_tags(first: str) -> list[str]:
     """The given manylinux tag plus the older ones a wheel may carry (pip matches exactly)."""
     arch = first.rsplit("_", 2)[-2:] if first.startswith("manylinux_") else ["x86", "64"]
     arch_name = "_".join(arch)
-    tags = [first] + [f"manylinux_2_{n}_{arch_name}" for n in (28, 27, 24, 17, 5)]
+    newest = int(first.split("_")[2]) if first.startswith("manylinux_2_") else 28
+    tags = [first] + [f"manylinux_2_{n}_{arch_name}" for n in range(newest, 4, -1)]
     tags += [f"manylinux2014_{arch_name}", f"manylinux1_{arch_name}"]
     return list(dict.fromkeys(tags))
 

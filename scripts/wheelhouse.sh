@@ -5,13 +5,13 @@
 # installed here). Then, there: pip install --no-index --find-links OUT "engine[cuda]"
 # (or simply: bash scripts/gpu_check.sh OUT).
 #
-#   bash scripts/wheelhouse.sh [--python-version 3.12] [--platform manylinux_2_28_x86_64] OUT
+#   bash scripts/wheelhouse.sh [--python-version 3.12] [--platform manylinux_2_39_x86_64] OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 PYVER=3.12
-PLATFORM=manylinux_2_28_x86_64
+PLATFORM=manylinux_2_39_x86_64   # the GPU image's glibc takes wheels up to 2_39
 OUT=
 while [ $# -gt 0 ]; do
   case "$1" in

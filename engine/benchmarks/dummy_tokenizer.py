@@ -3,6 +3,8 @@
 Rule: benchmarks feed random token ids and never read the text, but the engine still
 detokenizes, so the stand-in has exactly one token per id of the model's vocabulary (`<t123>`,
 word-level, built with `tokenizers`, nothing downloaded) and EOS/BOS at the config's ids.
+Ids 32-126 are the printable ASCII characters themselves, so a grammar (JSON for the
+structured-outputs benchmark) can be spelled in this vocabulary.
 It is used only when the directory has no tokenizer of its own and none was given.
 """
 
@@ -36,7 +38,8 @@ def save_word_level_tokenizer(out_dir: str, vocab_size: int, bos_id: Optional[in
 
     specials = {i: name for i, name in ((bos_id, bos), (eos_id, eos))
                 if i is not None and 0 <= i < vocab_size}
-    vocab = {specials.get(i, f"<t{i}>"): i for i in range(vocab_size)}
+    vocab = {specials.get(i, chr(i) if 32 <= i <= 126 else f"<t{i}>"): i
+             for i in range(vocab_size)}
     unk = "<t0>" if 0 not in specials else specials[0]
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

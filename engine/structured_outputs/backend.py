@@ -54,6 +54,13 @@ class StructuredOutputBackend(abc.ABC):
         """A fresh matcher at the start of `compiled`."""
 
     @staticmethod
+    def fill_bitmasks(grammars: list[Grammar], bitmask: Any, rows: list[int]) -> None:
+        """Fill `rows` of `bitmask` for `grammars` (matchers of this backend); a library
+        with a batched, multi-threaded fill overrides this."""
+        for grammar, row in zip(grammars, rows):
+            grammar.fill_bitmask(bitmask, row)
+
+    @staticmethod
     @abc.abstractmethod
     def check(params: StructuredOutputsParams) -> None:
         """Raise GrammarError if `params` is not a valid constraint (no tokenizer needed:

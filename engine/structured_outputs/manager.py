@@ -205,10 +205,19 @@ class StructuredOutputManager:
         no token at all: dead ends)."""
         import torch
 
+        from engine.structured_outputs.xgrammar_backend import XgrammarBackend, XgrammarGrammar
+
         words = (self.vocab_size + 31) // 32
         mask = torch.zeros((len(grammars), words), dtype=torch.int32)
+        batched = [row for row, g in enumerate(grammars) if type(g) is XgrammarGrammar]
+        if len(batched) > 1:  # xgrammar fills these rows in one multi-threaded call
+            XgrammarBackend.fill_bitmasks([grammars[row] for row in batched], mask, batched)
+        else:
+            batched = []
+        done = set(batched)
         for row, grammar in enumerate(grammars):
-            grammar.fill_bitmask(mask, row)
+            if row not in done:
+                grammar.fill_bitmask(mask, row)
         array = mask.numpy()
         dead = np.nonzero(~array.any(axis=1))[0].tolist()
         return array, dead

@@ -20,19 +20,19 @@ def _choice_ebnf(choices: list[str]) -> str:
 
 class XgrammarGrammar(Grammar):
     def __init__(self, matcher: Any) -> None:
-        self._matcher = matcher
+        self.matcher = matcher
 
     def accept_token(self, token_id: int) -> bool:
-        return bool(self._matcher.accept_token(token_id))
+        return bool(self.matcher.accept_token(token_id))
 
     def rollback(self, num_tokens: int) -> None:
-        self._matcher.rollback(num_tokens)
+        self.matcher.rollback(num_tokens)
 
     def is_terminated(self) -> bool:
-        return bool(self._matcher.is_terminated())
+        return bool(self.matcher.is_terminated())
 
     def fill_bitmask(self, bitmask: Any, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
 class XgrammarBackend(StructuredOutputBackend):
@@ -62,6 +62,18 @@ class XgrammarBackend(StructuredOutputBackend):
 
     def matcher(self, compiled: Any) -> Grammar:
         return XgrammarGrammar(self._xgr.GrammarMatcher(compiled))  # rollback: unlimited
+
+    _batch: Any = None
+
+    @staticmethod
+    def fill_bitmasks(grammars: list[Grammar], bitmask: Any, rows: list[int]) -> None:
+        """One call for the whole batch: xgrammar fills the rows on its own threads."""
+        import xgrammar as xgr
+
+        if XgrammarBackend._batch is None:
+            XgrammarBackend._batch = xgr.BatchGrammarMatcher()
+        XgrammarBackend._batch.batch_fill_next_token_bitmask(
+            [g.matcher for g in grammars], bitmask, rows)  # type: ignore[attr-defined]
 
     @staticmethod
     def check(params: StructuredOutputsParams) -> None:
