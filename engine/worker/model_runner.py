@@ -222,11 +222,15 @@ class ModelRunner:
         keep = [k for k, r in enumerate(out.structured_req_ids) if r in row_of]
         if not keep:
             return
-        bitmask = torch.from_numpy(out.grammar_bitmask[keep]).to(logits.device,
-                                                                 non_blocking=True)
+        bitmask = torch.from_numpy(out.grammar_bitmask[keep])
         rows = torch.tensor([row_of[out.structured_req_ids[k]] for k in keep],
-                            dtype=torch.int64).to(logits.device, non_blocking=True)
-        self.kernels["apply_token_bitmask"](logits, bitmask, rows)
+                            dtype=torch.int64)
+        if self.platform.capabilities.pinned_memory:
+            # From pageable memory the upload would wait for the device to finish the
+            # work queued before it, and the host would stop running ahead.
+            bitmask, rows = bitmask.pin_memory(), rows.pin_memory()
+        self.kernels["apply_token_bitmask"](logits, bitmask.to(logits.device, non_blocking=True),
+                                            rows.to(logits.device, non_blocking=True))
 
     def _to_host(self, sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
                  prompt_logprobs: dict[str, LogprobsTensors]) -> tuple[Any, ...]:
