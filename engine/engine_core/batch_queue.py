@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 from engine.messages.step import ModelRunnerOutput, SchedulerOutput
 
@@ -51,6 +51,11 @@ class BatchQueue:
         if not scheduler_output.is_empty and working > 1:
             self.num_overlapped += 1
         self.max_in_flight = max(self.max_in_flight, working)
+
+    def pending(self, limit: Optional[int] = None) -> list[tuple[SchedulerOutput, BatchHandle]]:
+        """The batches in flight, oldest first (the first `limit` of them)."""
+        items = list(self._queue)
+        return items if limit is None else items[:limit]
 
     def pop(self) -> tuple[SchedulerOutput, ModelRunnerOutput]:
         """Wait for the oldest batch; its scheduler output and result."""

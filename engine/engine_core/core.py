@@ -111,7 +111,8 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, constraints,
                                    num_micro_batches=depth,
                                    async_scheduling=self.async_scheduling,
-                                   bitmask=self.structured.bitmask)
+                                   bitmask=self.structured.bitmask,
+                                   defer_bitmask=self.executor.supports_deferred_bitmask)
         if self.async_scheduling:
             depth = 2  # step N+1 is scheduled and launched while step N runs
         # Batches in flight, scheduled ahead (None: one at a time).
@@ -182,9 +183,20 @@ class EngineCore:
             queue.push(scheduler_output, self.executor.execute_model_async(scheduler_output))
             if scheduler_output.is_empty:
                 break
+        self._give_deferred_bitmasks(queue, oldest_only=True)
         outputs = self.scheduler.update_from_output(*queue.pop())
+        # The newer batch's forward pass runs on the device meanwhile; its grammar rows
+        # needed the tokens just applied.
+        self._give_deferred_bitmasks(queue)
         outputs.timestamp = time.time()  # wall clock, like arrival_time
         return outputs
+
+    def _give_deferred_bitmasks(self, queue: BatchQueue, oldest_only: bool = False) -> None:
+        """Sample the dispatched steps that wait for their grammar bitmask, oldest first
+        (`oldest_only`: just the one about to be collected, should it still wait)."""
+        for scheduler_output, handle in queue.pending(1 if oldest_only else None):
+            if scheduler_output.grammar_deferred and getattr(handle, "awaiting_bitmask", False):
+                handle.sample(self.scheduler.deferred_bitmask(scheduler_output))
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()

@@ -54,6 +54,12 @@ class Executor(abc.ABC):
         schedule the next step meanwhile (async scheduling)."""
         return False
 
+    @property
+    def supports_deferred_bitmask(self) -> bool:
+        """Whether a step may be dispatched before its grammar bitmask is known
+        (`SchedulerOutput.grammar_deferred`): the handle then has `sample(bitmask)`."""
+        return False
+
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> DoneBatch:
         """Dispatch a batch; the handle's `result()` gives its output (this default runs it
         now, so the handle is already done)."""

@@ -40,6 +40,10 @@ class UniprocExecutor(Executor):
     def supports_async_scheduling(self) -> bool:
         return True
 
+    @property
+    def supports_deferred_bitmask(self) -> bool:
+        return True  # the runner is here: its DeferredSample is the handle
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
 

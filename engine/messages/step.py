@@ -58,6 +58,9 @@ class SchedulerOutput:
     # of word t // 32 set when token t is allowed).
     structured_req_ids: list[str] = field(default_factory=list)
     grammar_bitmask: Optional[Any] = None
+    # Async scheduling: the bitmask is not known yet (those requests' tokens are in flight);
+    # the runner runs the forward pass and samples once the core sends it.
+    grammar_deferred: bool = False
 
     @property
     def is_empty(self) -> bool:

@@ -71,6 +71,7 @@ class Scheduler:
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
         constraints: Optional[StaticBatching] = None, num_micro_batches: int = 1,
         async_scheduling: bool = False, bitmask: Optional[Callable[[list], tuple]] = None,
+        defer_bitmask: bool = False,
     ) -> None:
         if async_scheduling and (num_micro_batches > 1 or constraints is not None):
             raise ValueError("Async scheduling works with one micro-batch and no static "
@@ -80,6 +81,10 @@ class Scheduler:
         # engine.structured_outputs.manager.StructuredOutputManager.bitmask.
         self._bitmask = bitmask
         self._dead_ends: set[str] = set()  # grammars that allowed no token: end at update
+        # With async scheduling: a structured request joins the next batch while its token
+        # is in flight, and that batch's bitmask comes later (deferred_bitmask), once the
+        # token is known, while the device runs the batch's forward pass.
+        self.defer_bitmask = defer_bitmask and async_scheduling
         self.num_micro_batches = num_micro_batches
         self.async_scheduling = async_scheduling
         # Scheduled, output not back yet: {req_id: batches in flight holding it}.
@@ -182,7 +187,7 @@ class Scheduler:
                 self._schedule_static_batch(step, self.constraints)
         elif not step.preempted:
             self._schedule_waiting(step)
-        structured_req_ids, grammar_bitmask = self._grammar_rows(step)
+        structured_req_ids, grammar_bitmask, deferred = self._grammar_rows(step)
         cached_reqs = [
             CachedRequestData(r.request_id, step.new_block_ids[r.request_id],
                               r.num_computed_tokens, self._unsent_tokens(r))
@@ -198,6 +203,7 @@ class Scheduler:
             preempted_req_ids=step.preempted,
             structured_req_ids=structured_req_ids,
             grammar_bitmask=grammar_bitmask,
+            grammar_deferred=deferred,
         )
         self._finished_req_ids = set()
         for req_id, num_tokens in step.num_scheduled.items():
@@ -208,22 +214,47 @@ class Scheduler:
         self._in_flight.update(step.num_scheduled.keys())  # count batches, not tokens
         return output
 
-    def _grammar_rows(self, step: _Step) -> tuple[list[str], Optional[Any]]:
-        """The structured requests that sample this step, and their token bitmask."""
+    def _grammar_rows(self, step: _Step) -> tuple[list[str], Optional[Any], bool]:
+        """The structured requests that sample this step, their token bitmask, and whether
+        it is deferred (None until `deferred_bitmask`)."""
         if self._bitmask is None:
-            return [], None
+            return [], None, False
         rows = []
         for req_id, n in step.num_scheduled.items():
             request = self.requests[req_id]
             if request.grammar is not None and request.num_computed_tokens + n >= request.num_tokens:
                 rows.append(request)
         if not rows:
-            return [], None
-        bitmask, dead = self._bitmask([r.grammar for r in rows])
-        for i in dead:  # nothing may come next: its sample is discarded and it ends (stop)
-            bitmask[i] = -1  # (any token, so the row's logits stay finite)
-            self._dead_ends.add(rows[i].request_id)
-        return [r.request_id for r in rows], bitmask
+            return [], None, False
+        if self.defer_bitmask and any(r.num_output_placeholders for r in rows):
+            return [r.request_id for r in rows], None, True  # its tokens are in flight
+        return [r.request_id for r in rows], self._fill_bitmask(rows), False
+
+    def _fill_bitmask(self, rows: list[Optional[Request]]) -> Any:
+        """Bitmask rows of `rows`' grammars; a row without one (a request that ended while
+        its step was in flight) allows any token, as does a dead end, whose request then
+        ends at its update (stop) with that sample discarded (the row's logits stay
+        finite)."""
+        assert self._bitmask is not None
+        live = [i for i, r in enumerate(rows) if r is not None and r.grammar is not None
+                and not r.is_finished]
+        filled, dead = self._bitmask([rows[i].grammar for i in live])  # type: ignore[union-attr]
+        if len(live) == len(rows):
+            bitmask = filled
+        else:
+            import numpy as np
+
+            bitmask = np.full((len(rows), filled.shape[1]), -1, dtype=filled.dtype)
+            bitmask[live] = filled
+        for j in dead:
+            bitmask[live[j]] = -1
+            self._dead_ends.add(rows[live[j]].request_id)  # type: ignore[union-attr]
+        return bitmask
+
+    def deferred_bitmask(self, output: SchedulerOutput) -> Any:
+        """The bitmask of a step scheduled with DEFERRED, now that the tokens it waited for
+        are applied (the core calls this right after the older batch's update)."""
+        return self._fill_bitmask([self.requests.get(r) for r in output.structured_req_ids])
 
     @staticmethod
     def _unsent_tokens(request: Request) -> list[int]:
@@ -245,7 +276,7 @@ class Scheduler:
         params = request.sampling_params
         if params.uses_output_history:
             return True  # the sampler needs the token in flight
-        if request.grammar is not None:
+        if request.grammar is not None and not self.defer_bitmask:
             return True  # its next bitmask needs the token in flight
         # Enough tokens are on their way already (max_tokens).
         return (params.max_tokens is not None and request.num_output_tokens

@@ -12,8 +12,9 @@ memory, bind caches, warm up (and capture).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -94,6 +95,7 @@ class ModelRunner:
         # The last step's sampled ids (device) and {req_id: row} in them: where the next
         # step finds tokens whose values have not reached the host yet.
         self._last_sampled: Optional[torch.Tensor] = None
+        self._awaiting_bitmask = False  # a DeferredSample is out: launch nothing else
         self._last_sample_row: dict[str, int] = {}
         self.profiler = TraceProfiler()
 
@@ -189,13 +191,16 @@ class ModelRunner:
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_model_async(out).result()
 
-    def execute_model_async(self, out: SchedulerOutput) -> StepHandle:
+    def execute_model_async(self, out: SchedulerOutput) -> Union[StepHandle, DeferredSample]:
         """Launch one step; the handle's `result()` waits for its sampled tokens. The next
         step may be launched before that: its decodes read those tokens on the device."""
         with step_grad_mode(self.platform):
             return self._dispatch(out)
 
-    def _dispatch(self, out: SchedulerOutput) -> StepHandle:
+    def _dispatch(self, out: SchedulerOutput) -> Union[StepHandle, DeferredSample]:
+        if self._awaiting_bitmask:
+            raise RuntimeError("A step was launched while the previous one waits for its "
+                               "grammar bitmask; give it first (DeferredSample.sample).")
         failed = self.input_batch.update(out)
         if out.total_num_scheduled_tokens == 0:
             return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
@@ -207,6 +212,13 @@ class ModelRunner:
         attn_metadata = self.attn_backend.build_metadata(inputs.attn)
         hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        if out.grammar_deferred:
+            return DeferredSample(self, inputs, hidden, out, prompt_logprobs, failed)
+        return self._sample_and_hand_over(inputs, hidden, out, prompt_logprobs, failed)
+
+    def _sample_and_hand_over(self, inputs: StepInputs, hidden: torch.Tensor,
+                              out: SchedulerOutput, prompt_logprobs: dict[str, LogprobsTensors],
+                              failed: Optional[dict[str, str]]) -> StepHandle:
         sampled, logprobs, num_logprobs = self._sample(inputs, hidden, out)
         # Where the next step finds the values of this step's samples (its placeholders).
         self._last_sampled = sampled
@@ -344,6 +356,45 @@ class ModelRunner:
         input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         positions = torch.zeros(n, dtype=torch.int64, device=self.device)
         return input_ids, positions, self.attn_backend.build_metadata(common)
+
+
+class DeferredSample:
+    """A step whose forward pass is launched and whose sampling waits for its grammar
+    bitmask (async scheduling with structured outputs: the core fills it on the host while
+    the device runs the forward pass). `sample(bitmask)` launches the sampling; then it is
+    a StepHandle. The runner launches nothing else before that."""
+
+    def __init__(self, runner: ModelRunner, inputs: StepInputs, hidden: torch.Tensor,
+                 out: SchedulerOutput, prompt_logprobs: dict[str, LogprobsTensors],
+                 failed: Optional[dict[str, str]]) -> None:
+        self._runner = runner
+        self._args: Optional[tuple[Any, ...]] = (inputs, hidden, out, prompt_logprobs, failed)
+        self._handle: Optional[StepHandle] = None
+        runner._awaiting_bitmask = True
+
+    @property
+    def awaiting_bitmask(self) -> bool:
+        return self._handle is None
+
+    def sample(self, bitmask: Any) -> None:
+        assert self._args is not None, "sample() was called twice"
+        inputs, hidden, out, prompt_logprobs, failed = self._args
+        self._args = None
+        out = dataclasses.replace(out, grammar_bitmask=bitmask, grammar_deferred=False)
+        runner = self._runner
+        with step_grad_mode(runner.platform):
+            self._handle = runner._sample_and_hand_over(inputs, hidden, out, prompt_logprobs,
+                                                        failed)
+        runner._awaiting_bitmask = False
+
+    def ready(self) -> bool:
+        return self._handle is not None and self._handle.ready()
+
+    def result(self) -> ModelRunnerOutput:
+        if self._handle is None:
+            raise RuntimeError("A deferred step's result was asked before its bitmask "
+                               "was given (DeferredSample.sample).")
+        return self._handle.result()
 
 
 class StepHandle:
