@@ -176,6 +176,19 @@ class EngineCore:
         nothing more can run), then wait for the oldest batch and apply its output. Used
         for pipeline stages (one batch per stage) and for async scheduling (step N+1 is
         launched before step N's output is applied, so the device never waits for us)."""
+        self._fill(queue)
+        self._give_deferred_bitmasks(queue, oldest_only=True)
+        outputs = self.scheduler.update_from_output(*queue.pop())
+        # The newer batch's forward pass runs on the device meanwhile; its grammar rows
+        # needed the tokens just applied. Once it samples, the device has nothing queued
+        # after it: launch the next step now, before these outputs go to the client.
+        if self._give_deferred_bitmasks(queue):
+            self._fill(queue)
+        outputs.timestamp = time.time()  # wall clock, like arrival_time
+        return outputs
+
+    def _fill(self, queue: BatchQueue) -> None:
+        """Schedule and dispatch until `depth` batches are in flight or nothing can run."""
         while not queue.full:
             scheduler_output = self.scheduler.schedule()
             if not worth_dispatching(scheduler_output, len(queue)):
@@ -183,20 +196,17 @@ class EngineCore:
             queue.push(scheduler_output, self.executor.execute_model_async(scheduler_output))
             if scheduler_output.is_empty:
                 break
-        self._give_deferred_bitmasks(queue, oldest_only=True)
-        outputs = self.scheduler.update_from_output(*queue.pop())
-        # The newer batch's forward pass runs on the device meanwhile; its grammar rows
-        # needed the tokens just applied.
-        self._give_deferred_bitmasks(queue)
-        outputs.timestamp = time.time()  # wall clock, like arrival_time
-        return outputs
 
-    def _give_deferred_bitmasks(self, queue: BatchQueue, oldest_only: bool = False) -> None:
+    def _give_deferred_bitmasks(self, queue: BatchQueue, oldest_only: bool = False) -> bool:
         """Sample the dispatched steps that wait for their grammar bitmask, oldest first
-        (`oldest_only`: just the one about to be collected, should it still wait)."""
+        (`oldest_only`: just the one about to be collected, should it still wait); whether
+        there was one."""
+        given = False
         for scheduler_output, handle in queue.pending(1 if oldest_only else None):
             if scheduler_output.grammar_deferred and getattr(handle, "awaiting_bitmask", False):
                 handle.sample(self.scheduler.deferred_bitmask(scheduler_output))
+                given = True
+        return given
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()
