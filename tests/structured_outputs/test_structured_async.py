@@ -55,3 +55,20 @@ def test_async_structured_outputs_equal_the_in_order_engine(smollm2):
     before = queue.num_overlapped
     out = llm.generate(["A user as JSON:"], _requests()[1][0], use_tqdm=False)[0].outputs[0]
     assert queue.num_overlapped - before >= len(out.token_ids) - 2
+
+
+def test_preempted_structured_requests_resume_their_grammar(smollm2):
+    # A KV cache too small for the batch: requests are preempted and recomputed, their
+    # grammars keep their place, and every output equals the unpreempted run's.
+    params = SamplingParams(temperature=0.0, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    prompts = [f"User number {i} as JSON:" for i in range(8)]
+    roomy = LLM(model=smollm2, kv_cache_memory="128m", max_model_len=128)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    del roomy
+    tight = LLM(model=smollm2, kv_cache_memory="6m", max_model_len=128, block_size=16)
+    got = [o.outputs[0] for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert tight.get_metrics()["num_preemptions"] > 0
+    assert [o.token_ids for o in got] == expected
+    for out in got:
+        jsonschema.validate(json.loads(out.text), SCHEMA)
