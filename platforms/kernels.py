@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -79,13 +80,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
                         ) -> None:
     vocab = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [K, W, 32], bit t % 32 of word t // 32
-    allowed = bits.reshape(bitmask.shape[0], -1).bool()
+    # Bit t % 32 of word t // 32 is bit t % 8 of little-endian byte t // 8: unpack bytes,
+    # one byte per token (an int32 per token made this op 6x slower on a 128k vocabulary).
+    data = bitmask.contiguous().view(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    if sys.byteorder == "big":
+        data = data.view(-1, 4).flip(-1).reshape(data.shape)
+    allowed = ((data.unsqueeze(-1) >> shifts) & 1).view(torch.bool).reshape(len(bitmask), -1)
     if allowed.shape[1] < vocab:
         allowed = F.pad(allowed, (0, vocab - allowed.shape[1]))
+    forbidden = ~allowed[:, :vocab]
+    if len(rows) == len(logits) and torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+        logits.masked_fill_(forbidden, float("-inf"))  # every row, in order: no gather
+        return
     selected = logits.index_select(0, rows)
-    selected.masked_fill_(~allowed[:, :vocab], float("-inf"))
+    selected.masked_fill_(forbidden, float("-inf"))
     logits.index_copy_(0, rows, selected)
 
 

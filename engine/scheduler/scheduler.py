@@ -236,19 +236,11 @@ class Scheduler:
         ends at its update (stop) with that sample discarded (the row's logits stay
         finite)."""
         assert self._bitmask is not None
-        live = [i for i, r in enumerate(rows) if r is not None and r.grammar is not None
-                and not r.is_finished]
-        filled, dead = self._bitmask([rows[i].grammar for i in live])  # type: ignore[union-attr]
-        if len(live) == len(rows):
-            bitmask = filled
-        else:
-            import numpy as np
-
-            bitmask = np.full((len(rows), filled.shape[1]), -1, dtype=filled.dtype)
-            bitmask[live] = filled
-        for j in dead:
-            bitmask[live[j]] = -1
-            self._dead_ends.add(rows[live[j]].request_id)  # type: ignore[union-attr]
+        grammars = [r.grammar if r is not None and not r.is_finished else None for r in rows]
+        bitmask, dead = self._bitmask(grammars)
+        for i in dead:
+            bitmask[i] = -1
+            self._dead_ends.add(rows[i].request_id)  # type: ignore[union-attr]
         return bitmask
 
     def deferred_bitmask(self, output: SchedulerOutput) -> Any:

@@ -234,13 +234,18 @@ class ModelRunner:
         keep = [k for k, r in enumerate(out.structured_req_ids) if r in row_of]
         if not keep:
             return
-        bitmask = torch.from_numpy(out.grammar_bitmask[keep])
+        array = out.grammar_bitmask
+        if len(keep) < len(array):
+            array = array[keep]
+        bitmask = torch.from_numpy(array)
         rows = torch.tensor([row_of[out.structured_req_ids[k]] for k in keep],
                             dtype=torch.int64)
         if self.platform.capabilities.pinned_memory:
             # From pageable memory the upload would wait for the device to finish the
-            # work queued before it, and the host would stop running ahead.
-            bitmask, rows = bitmask.pin_memory(), rows.pin_memory()
+            # work queued before it, and the host would stop running ahead. (The caching
+            # host allocator reuses a block once the copies that read it are done.)
+            pinned = torch.empty(bitmask.shape, dtype=bitmask.dtype, pin_memory=True)
+            bitmask, rows = pinned.copy_(bitmask), rows.pin_memory()
         self.kernels["apply_token_bitmask"](logits, bitmask.to(logits.device, non_blocking=True),
                                             rows.to(logits.device, non_blocking=True))
 

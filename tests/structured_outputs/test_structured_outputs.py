@@ -171,10 +171,15 @@ def test_exactly_one_constraint():
 
 def test_bitmask_op_equals_its_bit_by_bit_definition():
     gen = torch.Generator().manual_seed(0)
-    for rows, vocab in ((1, 33), (5, 100), (4, 2049)):
+    for rows, vocab, which in ((1, 33, "some"), (5, 100, "some"), (4, 2049, "some"),
+                               (6, 300, "all in order"), (6, 300, "all permuted")):
         logits = torch.randn(rows, vocab, generator=gen)
         words = (vocab + 31) // 32
         masked = torch.randperm(rows, generator=gen)[: max(1, rows - 1)]
+        if which == "all in order":
+            masked = torch.arange(rows)
+        elif which == "all permuted":
+            masked = torch.tensor([2, 0, 1, 5, 4, 3])
         bitmask = torch.randint(-2**31, 2**31 - 1, (len(masked), words), generator=gen,
                                 dtype=torch.int64).to(torch.int32)
         want = logits.clone()

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 # Named op -> module of `engine_cuda.ops` holding its Triton implementation (same name).
 TRITON_KERNELS: dict[str, str] = {
+    "apply_token_bitmask": "engine_cuda.ops.bitmask",
     "rms_norm": "engine_cuda.ops.norm",
     "fused_add_rms_norm": "engine_cuda.ops.norm",
     "rotary_embedding": "engine_cuda.ops.rotary",

@@ -1,4 +1,4 @@
-"""Triton RMSNorm, rotary embedding and SiLU-and-mul against the torch references the core
+"""Triton RMSNorm, rotary embedding, SiLU-and-mul and the token bitmask against the torch references the core
 uses (`platforms.kernels`), on fresh random inputs (CPU: Triton's interpreter)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine_cuda.ops import activation, norm, rotary  # noqa: E402
+from engine_cuda.ops import activation, bitmask, norm, rotary  # noqa: E402
 
 from engine.models.layers.rotary import RotaryEmbedding  # noqa: E402
 from platforms import kernels as reference  # noqa: E402
@@ -76,6 +76,24 @@ def test_rotary_embedding_in_place_on_strided_views(dtype):
 def test_silu_and_mul(dtype):
     x = _randn(3, 2, 2 * 1500, dtype=dtype, seed=6, scale=4.0)  # d spans two blocks
     _assert_close(activation.silu_and_mul(x), reference.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,vocab,masked,words", [
+    (1, 40, [0], 2), (6, 5000, [4, 1, 2], 157), (5, 9000, [0, 1, 2, 3, 4], 282),
+    (3, 5000, [2, 0], 100),  # tokens past the mask's last word are forbidden
+])
+def test_apply_token_bitmask(dtype, rows, vocab, masked, words):
+    gen = torch.Generator().manual_seed(rows * vocab)
+    logits = _randn(rows, vocab, dtype=dtype, seed=vocab)
+    mask = torch.randint(-2**31, 2**31 - 1, (len(masked), words), generator=gen,
+                         dtype=torch.int64).to(torch.int32).to(DEVICE)
+    which = torch.tensor(masked, dtype=torch.int64, device=DEVICE)
+    got, want = logits.clone(), logits.clone()
+    bitmask.apply_token_bitmask(got, mask, which)
+    reference.apply_token_bitmask(want, mask, which)
+    assert torch.equal(got, want)
+    assert got.isinf().any() and not got.isinf().all()
 
 
 def test_clear_errors():
