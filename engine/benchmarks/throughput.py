@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -80,11 +81,17 @@ def make_workload(
 
 
 def run_engine(llm, workload: Workload, ignore_eos: bool = True,
-               schema: Optional[dict] = None, lengths: Optional[list[int]] = None) -> Result:
+               schema: Optional[dict] = None, lengths: Optional[list[int]] = None,
+               cached_prompts: bool = False) -> Result:
     """`schema`: every request's output is constrained to this JSON schema (its outputs
     then end when their JSON does, so only the tokens produced are counted; `lengths`, if
-    given, receives each output's length)."""
+    given, receives each output's length). The prefix cache is emptied first, so the
+    prompts are prefilled as the workload says, unless `cached_prompts` (the prompts were
+    run before and stay cached: the run times decoding, almost)."""
     from engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+    if not cached_prompts:
+        llm.reset_prefix_cache()
 
     constraint = None if schema is None else StructuredOutputsParams(json=schema)
     params = [
@@ -251,6 +258,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "to first token of a schema seen for the first time vs none.")
     from engine.benchmarks import roofline
 
+    parser.add_argument("--structured-repeats", type=int, default=3,
+                        help="With --structured-json: timed pairs (constrained, then plain) "
+                        "per ratio; the median is printed, the rows are the last pair's.")
     roofline.add_ceiling_args(parser, default=False, measures="compute roofline (2 x non-embedding params flop per token)")
     add_engine_args(parser)
 
@@ -283,15 +293,32 @@ def main(args: argparse.Namespace) -> int:
         # run below measures decoding under the constraint, not the backend's start).
         first_token = _first_token_times(llm, workload.prompts[0], schema)
         lengths: list[int] = []
-        constrained = run_engine(llm, workload, args.ignore_eos, schema=schema,
-                                 lengths=lengths)
-        matched = run_engine(llm, Workload(workload.prompts, lengths), ignore_eos=True)
-        matched = replace(matched, name="engine, same lengths")
-        results.extend([constrained, matched])
-        ratio = (constrained.output_tokens / constrained.seconds) / (
-            matched.output_tokens / matched.seconds)
-        structured_lines.append(f"output tokens/s ratio with / without the json schema "
-                                f"(same requests, same output lengths): {ratio:.2f}")
+        ratios: dict[str, list[float]] = {"the workload": [], "cached prompts (decoding)": []}
+        for _ in range(args.structured_repeats):  # pairs in turn: drift hits both sides
+            constrained = run_engine(llm, workload, args.ignore_eos, schema=schema,
+                                     lengths=lengths)
+            same = Workload(workload.prompts, lengths)
+            matched = replace(run_engine(llm, same, ignore_eos=True),
+                              name="engine, same lengths")
+            # Again with the prompts cached: nearly all decoding, where the grammar costs
+            # most.
+            decode_c = replace(run_engine(llm, workload, args.ignore_eos, schema=schema,
+                                          cached_prompts=True),
+                               name="engine + json schema, cached prompts")
+            decode_m = replace(run_engine(llm, same, ignore_eos=True, cached_prompts=True),
+                               name="engine, same lengths, cached prompts")
+            for what, (c, m) in (("the workload", (constrained, matched)),
+                                 ("cached prompts (decoding)", (decode_c, decode_m))):
+                ratios[what].append((c.output_tokens / c.seconds) /
+                                    (m.output_tokens / m.seconds))
+        results.extend([constrained, matched, decode_c, decode_m])
+        for what, values in ratios.items():
+            values.sort()
+            spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+            structured_lines.append(
+                f"output tokens/s ratio with / without the json schema (same requests, same "
+                f"output lengths), {what}: {statistics.median(values):.2f}"
+                f"{spread}, median of {len(values)}")
         structured_lines.extend(first_token)
     platform, model_config = llm.core.platform, llm.config.model
     num_params = roofline.non_embedding_params(roofline.counted_model(llm))

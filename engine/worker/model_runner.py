@@ -96,6 +96,9 @@ class ModelRunner:
         # step finds tokens whose values have not reached the host yet.
         self._last_sampled: Optional[torch.Tensor] = None
         self._awaiting_bitmask = False  # a DeferredSample is out: launch nothing else
+        # Page-locked grammar bitmask buffers, used in turn, each with the event recorded
+        # after its last upload (see _host_bitmask).
+        self._bitmask_buffers: list[tuple[torch.Tensor, Any]] = []
         self._last_sample_row: dict[str, int] = {}
         self.profiler = TraceProfiler()
 
@@ -237,17 +240,38 @@ class ModelRunner:
         array = out.grammar_bitmask
         if len(keep) < len(array):
             array = array[keep]
-        bitmask = torch.from_numpy(array)
-        rows = torch.tensor([row_of[out.structured_req_ids[k]] for k in keep],
-                            dtype=torch.int64)
-        if self.platform.capabilities.pinned_memory:
-            # From pageable memory the upload would wait for the device to finish the
-            # work queued before it, and the host would stop running ahead. (The caching
-            # host allocator reuses a block once the copies that read it are done.)
-            pinned = torch.empty(bitmask.shape, dtype=bitmask.dtype, pin_memory=True)
-            bitmask, rows = pinned.copy_(bitmask), rows.pin_memory()
-        self.kernels["apply_token_bitmask"](logits, bitmask.to(logits.device, non_blocking=True),
+        rows_list = [row_of[out.structured_req_ids[k]] for k in keep]
+        if not self.platform.capabilities.pinned_memory:
+            self.kernels["apply_token_bitmask"](
+                logits, torch.from_numpy(array).to(logits.device),
+                torch.tensor(rows_list, dtype=torch.int64).to(logits.device))
+            return
+        # From pageable memory the upload would wait for the device to finish the work
+        # queued before it, and the host would stop running ahead.
+        host, event = self._host_bitmask(*array.shape)
+        host.numpy()[...] = array
+        bitmask = host.to(logits.device, non_blocking=True)
+        event.record()
+        rows = torch.tensor(rows_list, dtype=torch.int64).pin_memory()
+        self.kernels["apply_token_bitmask"](logits, bitmask,
                                             rows.to(logits.device, non_blocking=True))
+
+    def _host_bitmask(self, rows: int, words: int) -> tuple[torch.Tensor, Any]:
+        """A page-locked int32 [rows, words] view for a step's bitmask and the event to record
+        after its upload. Two buffers, used in turn; one is written again only once its last
+        upload is done (its event), and it grows to the largest batch seen."""
+        if len(self._bitmask_buffers) < 2:
+            buffer = torch.empty((rows, words), dtype=torch.int32, pin_memory=True)
+            self._bitmask_buffers.append((buffer, self.platform.create_event()))
+        else:
+            self._bitmask_buffers.reverse()
+        buffer, event = self._bitmask_buffers[-1]
+        event.synchronize()
+        if buffer.shape[0] < rows or buffer.shape[1] != words:
+            buffer = torch.empty((max(rows, buffer.shape[0]), words), dtype=torch.int32,
+                                 pin_memory=True)
+            self._bitmask_buffers[-1] = (buffer, event)
+        return buffer[:rows], event
 
     def _to_host(self, sampled: Optional[torch.Tensor], logprobs: Optional[LogprobsTensors],
                  prompt_logprobs: dict[str, LogprobsTensors]) -> tuple[Any, ...]:

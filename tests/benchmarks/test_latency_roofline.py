@@ -111,3 +111,20 @@ def test_stand_in_tokenizer_has_one_token_per_id(tmp_path):
         save_word_level_tokenizer(str(tmp_path), 300, bos_id=5, eos_id=299))
     assert len(tok) == 300 and tok.eos_token_id == 299 and tok.bos_token_id == 5
     assert tok.decode([7, 299]) == "<t7> </s>"
+
+
+def test_bench_throughput_structured_json_times_the_workload_and_its_decoding(tiny_dir,
+                                                                               capsys):
+    pytest.importorskip("xgrammar")
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    assert main(["bench", "throughput", tiny_dir, "--load-format", "dummy", "--num-prompts",
+                 "4", "--input-len", "8", "--output-len", "12", "--no-hf-peer",
+                 "--structured-json", schema, "--structured-repeats", "2", *SMALL]) == 0
+    out = capsys.readouterr().out
+    for row in ("engine + json schema", "engine, same lengths",
+                "engine + json schema, cached prompts", "engine, same lengths, cached prompts"):
+        assert re.search(rf"^ *{re.escape(row)} +[\d.]+ ", out, re.M), (row, out)
+    for what in ("the workload", r"cached prompts \(decoding\)"):
+        assert re.search(rf"same output lengths\), {what}: \d+\.\d\d \([\d.]+-[\d.]+\), "
+                         r"median of 2$", out, re.M), out
+    assert re.search(r"first-seen schema [\d.]+ ms", out), out
