@@ -47,9 +47,13 @@ def model_dir(tmp_path_factory) -> str:
 def _run(model_dir, requests, async_scheduling):
     from engine import LLM
 
+    from engine.benchmarks.throughput import free_engine
+
     llm = LLM(model=model_dir, load_format="dummy", dtype="float32", device=DEVICE,
-              max_model_len=512, seed=0, async_scheduling=async_scheduling)
+              max_model_len=512, kv_cache_memory="1g", seed=0,
+              async_scheduling=async_scheduling)
     outs = llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
+    free_engine(llm)
     del llm
     return [o.outputs[0] for o in outs]
 
