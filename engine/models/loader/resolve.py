@@ -51,6 +51,7 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
                                       getattr(hf_config, "model_type", None))
     tokenizer = _tokenizer_source(args, source)
     max_model_len = _max_model_len(args.max_model_len, hf_config)
+    check_config_features(hf_config, max_model_len)
     model = ModelConfig(
         model=source.gguf_file or source.directory,
         tokenizer=tokenizer.gguf_file or tokenizer.directory,
@@ -80,6 +81,38 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
         reasoning_parser=args.reasoning_parser,
         parallel=_parallel_config(args, hf_config),
     )
+
+
+def sliding_window(hf_config: Any) -> Optional[int]:
+    """The attention window some layer of the model uses, or None when every layer attends
+    to the whole context (transformers' `layer_types`, else `use_sliding_window`)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    return None if getattr(hf_config, "use_sliding_window", True) is False else int(window)
+
+
+def check_config_features(hf_config: Any, max_model_len: int) -> None:
+    """ValueError naming a config feature the engine does not implement, where running
+    without it would give outputs that differ from the model's."""
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None))
+        raise ValueError(f"quantization_config (quant_method {method!r}): quantized "
+                         "checkpoints are not supported yet; use the unquantized weights or "
+                         "a GGUF file (dequantized at load).")
+    window = sliding_window(hf_config)
+    # HF masks keys at distance >= window: within --max-model-len <= window, attention over
+    # the window is attention over everything.
+    if window is not None and max_model_len > window:
+        raise ValueError(f"sliding_window={window}: attention over a sliding window is not "
+                         f"supported yet, and past {window} tokens the outputs would differ "
+                         f"from the model's; pass --max-model-len {window} (or less), where "
+                         "the window covers the whole context.")
 
 
 def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
