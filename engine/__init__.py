@@ -19,6 +19,7 @@ _EXPORTS = {
     "RequestOutput": "engine.outputs.request_output",
     "CompletionOutput": "engine.outputs.request_output",
     "RequestFailedError": "engine.outputs.request_output",
+    "RequestRefusedError": "engine.outputs.request_output",
     "InvalidParameter": "engine.sampling_params",
 }
 

@@ -20,7 +20,7 @@ from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
 from engine.messages.core import SchedulerStats
-from engine.outputs.request_output import RequestFailedError, RequestOutput, failure_of
+from engine.outputs.request_output import RequestOutput, failure_of
 from engine.sampling_params import InvalidParameter, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ class AsyncLLM:
         """Outputs of one request as they come (DELTA or FINAL_ONLY per `params`).
 
         Raises ValueError for invalid input before anything reaches the core,
-        RequestFailedError if this request fails inside the engine (the others go on), and
+        RequestFailedError if this request fails inside the engine (the others go on; a
+        RequestRefusedError, also a ValueError, when the engine found the request at fault), and
         EngineDeadError if the core dies meanwhile. Leaving the iterator early aborts."""
         self._check_alive()
         if request_id in self._queues:
@@ -217,8 +218,7 @@ class AsyncLLM:
             error = failure_of(out)
             # A failed completion fails its request: the caller's iterator raises (and its
             # exit aborts any sibling completions still running).
-            queue.put_nowait(out if error is None
-                             else RequestFailedError(out.request_id, error))
+            queue.put_nowait(out if error is None else error)
 
     def _fail_request(self, core_request_id: str, error: BaseException) -> None:
         # n > 1 children have ids derived from the parent's; fail whichever parent owns it.

@@ -156,7 +156,8 @@ class EngineCore:
                 req.grammar = future.result()
             self.scheduler.add_request(req)
             if error is not None:
-                self.scheduler.fail_request(req_id, f"structured_outputs: {error}")
+                self.scheduler.fail_request(req_id, f"structured_outputs: {error}",
+                                            param="structured_outputs")
 
     def step(self) -> EngineCoreOutputs:
         """One engine step. There is no prefill or decode phase: the scheduler decides how

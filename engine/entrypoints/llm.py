@@ -21,7 +21,7 @@ from engine.engine_core.core import EngineCore
 from engine.engine_core.inproc import InprocClient
 from engine.inputs import InputProcessor, template_message
 from engine.outputs.output_processor import OutputProcessor
-from engine.outputs.request_output import RequestFailedError, RequestOutput, failure_of
+from engine.outputs.request_output import RequestOutput, failure_of
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.tokenizer import eos_token_id as resolve_eos_token_id
 from engine.tokenizer import load_tokenizer
@@ -221,9 +221,9 @@ class LLM:
             bar.close()
         results = [finished[r] for r in request_ids]
         for out in results:
-            error = failure_of(out)
+            error = failure_of(out, outputs=results)
             if error is not None:
-                raise RequestFailedError(out.request_id, error, outputs=results)
+                raise error
         return results
 
 

@@ -58,6 +58,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # Why the request failed, with finish_reason ERROR: one line, no traceback (the core
     # logs that under the request id).
     error: Optional[str] = None
+    # The request field at fault when the failure is the request's own (a constraint that
+    # does not compile): its client gets a 400 naming it, not a 500.
+    error_param: Optional[str] = None
 
     @property
     def finished(self) -> bool:

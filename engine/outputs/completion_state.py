@@ -58,6 +58,7 @@ class CompletionState:
         self.finish_reason: Optional[str] = None
         self.stop_reason: Union[int, str, None] = None
         self.error: Optional[str] = None
+        self.error_param: Optional[str] = None
         # What earlier DELTA outputs already carried.
         self._num_sent_chars = 0
         self._num_sent_tokens = 0
@@ -73,7 +74,7 @@ class CompletionState:
         if self.is_finished:
             return False
         if output.finish_reason == FinishReason.ERROR:
-            self.fail(output.error or "unknown error")
+            self.fail(output.error or "unknown error", output.error_param)
             return False
         if output.new_prompt_logprobs and self.prompt_logprobs is not None:
             self.prompt_logprobs.extend(output.new_prompt_logprobs, self._token_texts)
@@ -100,12 +101,13 @@ class CompletionState:
             self.stop_reason = output.stop_reason
         return False
 
-    def fail(self, message: str) -> None:
-        """End with finish_reason "error" (inside the engine, or here on the client)."""
+    def fail(self, message: str, param: Optional[str] = None) -> None:
+        """End with finish_reason "error" (inside the engine, or here on the client); `param`:
+        the request's field at fault, when the request itself is."""
         if not self.is_finished:
             self._has_new = True
             self.finish_reason = str(FinishReason.ERROR)
-            self.error = message
+            self.error, self.error_param = message, param
 
     def abort(self) -> None:
         if not self.is_finished:
@@ -172,4 +174,5 @@ class CompletionState:
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
             error=self.error,
+            error_param=self.error_param,
         )

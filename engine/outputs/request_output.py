@@ -37,6 +37,7 @@ class CompletionOutput:
     # The stop string or stop token id that ended the completion; None for EOS or length.
     stop_reason: Union[int, str, None] = None
     error: Optional[str] = None  # why, when finish_reason is "error"
+    error_param: Optional[str] = None  # the request's field at fault, if the request is
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -96,9 +97,25 @@ class RequestFailedError(RuntimeError):
         self.outputs = outputs
 
 
-def failure_of(output: RequestOutput) -> Optional[str]:
-    """The error of the first failed completion of `output`, or None."""
+class RequestRefusedError(RequestFailedError, ValueError):
+    """The engine found the request itself at fault (`param` names its field, e.g. a
+    constraint that does not compile): a 400 on the server, a ValueError offline."""
+
+    def __init__(self, request_id: str, message: str, param: str,
+                 outputs: Optional[list[RequestOutput]] = None) -> None:
+        super().__init__(request_id, message, outputs)
+        self.param = param
+
+
+def failure_of(output: RequestOutput,
+               outputs: Optional[list[RequestOutput]] = None) -> Optional[RequestFailedError]:
+    """The error of the first failed completion of `output` (RequestRefusedError when the
+    request was at fault), or None; `outputs`: what the error carries to its caller."""
     for completion in output.outputs:
         if completion.finish_reason == "error":
-            return completion.error or "unknown error"
+            message = completion.error or "unknown error"
+            if completion.error_param is not None:
+                return RequestRefusedError(output.request_id, message, completion.error_param,
+                                           outputs)
+            return RequestFailedError(output.request_id, message, outputs)
     return None

@@ -513,16 +513,17 @@ class Scheduler:
             first_scheduled_time=request.first_scheduled_time,
         )
 
-    def fail_request(self, req_id: str, message: str) -> None:
+    def fail_request(self, req_id: str, message: str, param: Optional[str] = None) -> None:
         """End one request with FinishReason.ERROR and `message` (one line, for its client):
-        its blocks are freed and the worker forgets it; nothing else changes."""
+        its blocks are freed and the worker forgets it; nothing else changes. `param`: the
+        request's field at fault, when the request itself is (its client gets a 400)."""
         request = self.requests.get(req_id)
         if request is None or request.is_finished:
             return
         logger.error("Request %r failed: %s", req_id, message)
         self.finish_requests(req_id, RequestStatus.FINISHED_ERROR)
         self._pending_outputs.append(EngineCoreOutput(
-            req_id, [], finish_reason=FinishReason.ERROR, error=message,
+            req_id, [], finish_reason=FinishReason.ERROR, error=message, error_param=param,
             num_cached_tokens=request.num_cached_tokens or 0,
             first_scheduled_time=request.first_scheduled_time))
 

@@ -81,6 +81,24 @@ def test_bad_constraints_are_400s_naming_the_field(client, extra, param, words):
     assert out.choices[0].finish_reason == "length"
 
 
+def test_a_constraint_that_fails_to_compile_in_the_core_is_a_400(client):
+    """llguidance validates this Lark grammar without a tokenizer; with SmolLM2's tokenizer the
+    token range does not exist, so it fails in the core, after admission: still a 400 naming
+    the field, streamed as an error event; the server goes on."""
+    extra = {"structured_outputs": {"grammar": 'start: "a" <[99999999]>'}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt="x", max_tokens=5, extra_body=extra)
+    body = err.value.body
+    assert body["param"] == "structured_outputs" and "Token range" in body["message"], body
+    with pytest.raises(openai.APIError) as err:
+        for _ in client.completions.create(model="m", prompt="x", max_tokens=5, stream=True,
+                                           extra_body=extra):
+            pass
+    assert "Token range" in str(err.value), err.value
+    out = client.completions.create(model="m", prompt="x", max_tokens=2)  # still serving
+    assert out.choices[0].finish_reason == "length"
+
+
 def _schemas() -> list[dict]:
     """20 schemas: nested objects, arrays, enums, number ranges, required fields and
     additionalProperties false, each bounded so a small model finishes."""

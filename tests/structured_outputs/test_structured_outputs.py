@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, RequestRefusedError, SamplingParams
 from engine.sampling_params import InvalidParameter, StructuredOutputsParams
 from engine.structured_outputs.backend import GrammarError
 from engine.structured_outputs.manager import check_structured_outputs
@@ -158,6 +158,23 @@ def test_an_invalid_constraint_is_refused_with_the_librarys_reason(llm, constrai
     with pytest.raises(InvalidParameter, match=words) as err:
         llm.generate(["x"], _constrained(**constraint), use_tqdm=False)
     assert err.value.param == "structured_outputs"
+
+
+# A Lark grammar llguidance validates without a tokenizer, whose token range the tokenizer
+# then refuses: it passes admission and fails to compile in the core.
+LATE_FAILING_GRAMMAR = 'start: "a" <[99999999]>'
+
+
+def test_a_constraint_that_fails_to_compile_later_refuses_its_request_only(llm):
+    prompts = ["x", "The capital of France is"]
+    params = [_constrained(grammar=LATE_FAILING_GRAMMAR),
+              SamplingParams(temperature=0.0, max_tokens=5)]
+    with pytest.raises(RequestRefusedError, match="Token range end too large") as err:
+        llm.generate(prompts, params, use_tqdm=False)
+    assert isinstance(err.value, ValueError) and err.value.param == "structured_outputs"
+    bad, good = err.value.outputs
+    assert bad.outputs[0].finish_reason == "error"
+    assert good.outputs[0].finish_reason == "length" and good.outputs[0].text
 
 
 def test_exactly_one_constraint():

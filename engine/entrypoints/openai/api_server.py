@@ -47,7 +47,7 @@ from engine.entrypoints.openai.serving_common import (
     off_loop,
 )
 from engine.inputs import template_message
-from engine.outputs.request_output import RequestFailedError
+from engine.outputs.request_output import RequestFailedError, RequestRefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestFailedError)
     async def _failed(_: Request, exc: RequestFailedError) -> JSONResponse:
+        if isinstance(exc, RequestRefusedError):  # the request's own fault, found later
+            return _error(400, first_line(exc.message), exc.param)
         return _error(500, _failed_message(exc))
 
     @app.exception_handler(EngineDeadError)
@@ -148,6 +150,8 @@ def _failed_message(exc: RequestFailedError) -> str:
 
 
 def _stream_error(exc: BaseException) -> Optional[dict[str, Any]]:
+    if isinstance(exc, RequestRefusedError):
+        return error_body(400, first_line(exc.message), exc.param)
     if isinstance(exc, RequestFailedError):
         return error_body(500, _failed_message(exc))
     if isinstance(exc, EngineDeadError):
