@@ -46,7 +46,6 @@ def model_dir(tmp_path_factory) -> str:
 
 def _run(model_dir, requests, async_scheduling):
     from engine import LLM
-
     from engine.benchmarks.throughput import free_engine
 
     llm = LLM(model=model_dir, load_format="dummy", dtype="float32", device=DEVICE,

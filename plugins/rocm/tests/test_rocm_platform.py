@@ -5,7 +5,7 @@ import importlib.metadata
 
 import pytest
 import torch
-from engine_cuda.platform import CudaPlatform
+from engine_cuda.platform import TRITON_KERNELS, CudaPlatform
 from engine_rocm.platform import RocmPlatform
 
 from platforms.testing import ATTENTION_CASES, check_attention_against_reference
@@ -38,8 +38,9 @@ def test_entry_point_and_capabilities():
 def test_kernel_overrides_are_engine_cudas_under_the_rocm_name():
     pytest.importorskip("triton", reason="triton is needed to import the kernels")
     impls = RocmPlatform().kernel_overrides()
-    assert {i.name for i in impls} == {"rms_norm", "fused_add_rms_norm", "rotary_embedding",
-                                       "silu_and_mul"}
+    assert {i.name for i in impls} == set(TRITON_KERNELS)
+    assert {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul",
+            "apply_token_bitmask"} <= set(TRITON_KERNELS)
     assert all(i.platforms == frozenset({"rocm"}) for i in impls)
     assert all(i.fn.__module__.startswith("engine_cuda.ops") for i in impls)
 
