@@ -72,3 +72,27 @@ def test_preempted_structured_requests_resume_their_grammar(smollm2):
     assert [o.token_ids for o in got] == expected
     for out in got:
         jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_chunked_prompts_and_cached_prefixes_keep_the_grammar(smollm2):
+    # Prompts longer than the step's token budget are prefilled over several steps (no row
+    # samples until the last chunk); the second run finds their prefixes cached. Outputs
+    # equal an engine that prefills each prompt at once without a prefix cache.
+    params = SamplingParams(temperature=0.0, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    story = "Here is a long description of a person who likes hiking and reading. " * 4
+    prompts = [f"{story} User {i} as JSON:" for i in range(4)]
+    whole = LLM(model=smollm2, kv_cache_memory="128m", max_model_len=256,
+                enable_prefix_caching=False)
+    expected = [o.outputs[0].token_ids for o in whole.generate(prompts, params, use_tqdm=False)]
+    del whole
+    chunked = LLM(model=smollm2, kv_cache_memory="128m", max_model_len=256,
+                  max_num_batched_tokens=32, max_num_seqs=4)
+    assert min(len(chunked.get_tokenizer().encode(p)) for p in prompts) > 32  # 2+ chunks
+    for run in range(2):
+        got = [o.outputs[0] for o in chunked.generate(prompts, params, use_tqdm=False)]
+        assert [o.token_ids for o in got] == expected, run
+        for out in got:
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+    metrics = chunked.get_metrics()
+    assert metrics["prefix_cache_hits"] > 0, metrics
