@@ -67,17 +67,67 @@ PLATFORM_API_VERSION = 3
 #        over memory_info and peak_memory_bytes).
 #      * TorchDistributedCommunicator, QueuedDeviceEvent and DeviceModulePlatform moved out
 #        of this module into platforms.communicator, .events and .device_module.
+#      Optional additions within 3 (a platform that names none of them keeps working, and
+#      the engine refuses a model that needs one, naming it):
+#      * AttentionSpec.sliding_window and .logits_soft_cap, implemented by a platform's
+#        backends when `Capabilities.attention_features` lists "sliding_window" /
+#        "logits_soft_cap";
+#      * KV-cache groups: the layers of a model whose specs differ (Gemma's local and global
+#        layers) fall into groups, one backend per group, and the forward then receives a
+#        `GroupedAttentionMetadata` (one entry per group); a platform whose graph runner
+#        passes it through lists "kv_cache_groups".
+
+
+# What an AttentionSpec may ask beyond plain causal attention, and what a platform's graph
+# runner may be handed (see Capabilities.attention_features).
+ATTENTION_FEATURES = ("sliding_window", "logits_soft_cap", "kv_cache_groups")
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """Shape of one attention layer, as the backend needs it."""
+    """Shape of one attention layer, as the backend needs it.
+
+    `sliding_window` W: a query at position p attends keys at positions p - W + 1 .. p (W
+    keys, itself included; HF's convention); None: every earlier key. With a window, the
+    block-table entries of blocks that lie wholly before the first key any query of the step
+    attends may be stale (the engine freed them and gave them to other requests): a backend
+    must not read them, not even to mask them out.
+
+    `logits_soft_cap` c: the scores become c * tanh(s / c), s = scale * q.k, before the
+    softmax (Gemma 2); None: none.
+    """
 
     num_heads: int
     num_kv_heads: int
     head_size: int
     dtype: torch.dtype
     block_size: int
+    sliding_window: Optional[int] = None
+    logits_soft_cap: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {self.sliding_window}.")
+        if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be positive, got {self.logits_soft_cap}.")
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The ATTENTION_FEATURES this spec needs of a backend."""
+        needs = set()
+        if self.sliding_window is not None:
+            needs.add("sliding_window")
+        if self.logits_soft_cap is not None:
+            needs.add("logits_soft_cap")
+        return frozenset(needs)
+
+
+class GroupedAttentionMetadata(tuple):
+    """Step metadata of a model whose attention layers fall into several KV-cache groups:
+    entry g is `attention[g].build_metadata(...)` over group g's block tables, and a layer of
+    group g reads entry g. A model with one group gets its backend's metadata bare."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -319,6 +369,11 @@ class Capabilities:
     # batch at the cost of a small one wants more (decodes ride along with prefill chunks
     # instead of waiting in waves).
     default_max_num_seqs: int = 256
+    # Which ATTENTION_FEATURES it implements: "sliding_window" and "logits_soft_cap" (its
+    # attention backends honour those AttentionSpec fields), "kv_cache_groups" (its graph
+    # runner takes a GroupedAttentionMetadata and hands each layer's entry through). The
+    # engine refuses a model that needs a feature its platform does not list.
+    attention_features: frozenset[str] = frozenset()
     # Extra lines for `engine plugins` (attention kernel, kernel provider, ...).
     notes: Mapping[str, str] = field(default_factory=dict)
 

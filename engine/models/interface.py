@@ -1,7 +1,7 @@
 """What a model class must offer the model runner.
 
-Rule: a model is a plain `nn.Module` built from an HF config and the platform's attention
-backend. It sees flattened tokens (no batch dimension, no padding), computes logits only
+Rule: a model is a plain `nn.Module` built from an HF config; the model runner binds its
+`Attention` layers to the platform's backends. It sees flattened tokens (no batch dimension, no padding), computes logits only
 for the rows the runner asks for, and loads weights by their HF names.
 """
 
@@ -12,11 +12,9 @@ from typing import Any, Protocol
 
 import torch
 
-from platforms.interface import AttentionBackend
-
 
 class CausalLM(Protocol):
-    def __init__(self, config: Any, attn_backend: AttentionBackend) -> None: ...
+    def __init__(self, config: Any) -> None: ...
 
     def forward(
         self,

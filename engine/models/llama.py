@@ -25,7 +25,7 @@ from torch import nn
 from engine.distributed import parallel_context
 from engine.distributed.pipeline import Stage
 from engine.models.layers.activation import SiluAndMul
-from engine.models.layers.attention import Attention
+from engine.models.layers.attention import Attention, layer_sliding_windows
 from engine.models.layers.layernorm import RMSNorm
 from engine.models.layers.linear import (
     MergedColumnParallelLinear,
@@ -34,7 +34,6 @@ from engine.models.layers.linear import (
     VocabParallelEmbedding,
 )
 from engine.models.layers.rotary import RotaryEmbedding, rope_settings
-from platforms.interface import AttentionBackend
 
 # HF projection name -> (our merged parameter, shard index).
 _STACKED = {
@@ -67,8 +66,8 @@ def head_dim_of(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions,
-                 rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, opts: DecoderOptions, rotary_emb: RotaryEmbedding,
+                 layer_idx: int) -> None:
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -84,7 +83,8 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.head_dim**-0.5, backend)
+                              self.head_dim**-0.5, layer_idx=layer_idx,
+                              sliding_window=layer_sliding_windows(config)[layer_idx])
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: Any
                 ) -> torch.Tensor:
@@ -114,10 +114,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions,
-                 rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, opts: DecoderOptions, rotary_emb: RotaryEmbedding,
+                 layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, backend, opts, rotary_emb)
+        self.self_attn = LlamaAttention(config, opts, rotary_emb, layer_idx)
         self.mlp = LlamaMLP(config)
         # Both take a partial branch output (the row-parallel projections do not reduce).
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
@@ -143,7 +143,7 @@ class LlamaModel(nn.Module):
     embedding lives on the first stage (and on the last when the head is tied to it), the
     final norm on the last."""
 
-    def __init__(self, config: Any, backend: AttentionBackend, opts: DecoderOptions) -> None:
+    def __init__(self, config: Any, opts: DecoderOptions) -> None:
         super().__init__()
         self.stage = Stage.of(parallel_context(), config.num_hidden_layers)
         tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -155,7 +155,7 @@ class LlamaModel(nn.Module):
         rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
                                      theta, rope_params)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, backend, opts, rotary_emb)
+            LlamaDecoderLayer(config, opts, rotary_emb, i)
             if i in self.stage.layers else nn.Identity()
             for i in range(config.num_hidden_layers)
         )
@@ -186,10 +186,10 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama-shaped causal LM; subclasses only choose `DecoderOptions`."""
 
-    def __init__(self, config: Any, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_backend, self.decoder_options(config))
+        self.model = LlamaModel(config, self.decoder_options(config))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # The head lives on the last pipeline stage only (every stage with one).
         self.lm_head: Optional[VocabParallelEmbedding] = (
@@ -280,4 +280,4 @@ def _copy_checked(param: nn.Parameter, tensor: torch.Tensor, hf_name: str) -> No
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral checkpoints are Llama-shaped (sliding window aside, unused at these lengths)."""
+    """Mistral checkpoints are Llama-shaped; v0.1's sliding window is each layer's window."""

@@ -16,7 +16,6 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.models.registry import get_model_class
-from platforms.interface import AttentionBackend
 
 DUMMY_SEED = 0
 
@@ -45,14 +44,13 @@ def _single_threaded() -> Iterator[None]:
 
 def load_model(
     model_config: ModelConfig,
-    attn_backend: AttentionBackend,
     device: Union[torch.device, str],
     dtype: torch.dtype,
 ) -> nn.Module:
     """The model of `model_config` on `device` in `dtype`, weights loaded, in eval mode."""
     model_cls = get_model_class(model_config.architecture)
     with torch.device(device), _default_dtype(dtype):
-        model = model_cls(model_config.hf_config, attn_backend)
+        model = model_cls(model_config.hf_config)
     with torch.no_grad(), _single_threaded():
         if model_config.load_format == "dummy":
             from engine.models.loader.weights import fill_dummy
