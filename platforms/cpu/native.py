@@ -70,8 +70,9 @@ def load_library() -> Optional[ctypes.CDLL]:
             os.replace(built, target)  # atomic: concurrent builders never see half a file
     lib = ctypes.CDLL(str(target))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    # (..., block_size, scale, window (0: none), soft_cap (0: none), num_threads)
     lib.paged_decode_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64,
-                                     i64, f32, ctypes.c_int]
+                                     i64, f32, i64, f32, ctypes.c_int]
     lib.paged_decode_f32.restype = ctypes.c_int
     _declare_row_kernels(lib)
     _status = f"loaded {target}"

@@ -12,7 +12,13 @@ import torch
 
 from platforms.cpu.attention import CpuAttentionBackend
 from platforms.cpu.ops import native_kernel_overrides
-from platforms.interface import AttentionBackend, AttentionSpec, Capabilities, Platform
+from platforms.interface import (
+    ATTENTION_FEATURES,
+    AttentionBackend,
+    AttentionSpec,
+    Capabilities,
+    Platform,
+)
 from platforms.kernels import KernelImpl
 
 
@@ -24,6 +30,7 @@ class CpuPlatform(Platform):
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         # The host's memory is everybody's: take 4 GiB unless told (--kv-cache-memory).
         default_kv_cache_memory=4 * 1024**3,
+        attention_features=frozenset(ATTENTION_FEATURES),
     )
 
     @classmethod

@@ -14,8 +14,12 @@ AssertionError with the numbers on a failure, so it drops into any pytest test:
 from platforms.testing.attention import (
     ATTENTION_CASES,
     DEFAULT_REQUESTS,
+    FEATURE_CASES,
     AttentionCase,
+    AttentionFeatureCase,
     check_attention_against_reference,
+    check_attention_features,
+    supported_feature_cases,
 )
 from platforms.testing.communicator import check_communicator
 from platforms.testing.contract import check_contract
@@ -33,7 +37,11 @@ __all__ = [
     "ATTENTION_CASES",
     "DEFAULT_REQUESTS",
     "AttentionCase",
+    "AttentionFeatureCase",
+    "FEATURE_CASES",
     "check_attention_against_reference",
+    "check_attention_features",
+    "supported_feature_cases",
     "DEFAULT_BATCHES",
     "check_communicator",
     "check_contract",

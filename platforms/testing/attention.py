@@ -5,6 +5,13 @@ a backend's cache layout. Cached context is written by the backend itself in a f
 then a second step mixes prefill chunks (with and without context) and decodes over
 non-contiguous blocks; both steps are compared with plain softmax attention over unpaged
 K/V computed in float64.
+
+Sliding windows and logits soft-caps (the features a platform lists in
+`Capabilities.attention_features`) are checked the same way, with decode steps after the
+mixed one, and the window's stale-block rule is enforced: before each step the blocks that
+lie wholly before the first key any query of the step attends are filled with NaN (the
+engine may have handed them to another request), so a backend that reads them, even to mask
+them out, fails. The block dimension is found from `kv_cache_shape` alone.
 """
 
 from __future__ import annotations
@@ -30,6 +37,30 @@ class AttentionCase:
         return f"h{self.num_heads}-kv{self.num_kv_heads}-d{self.head_size}"
 
 
+@dataclass(frozen=True)
+class AttentionFeatureCase:
+    """A window and/or a soft-cap, with requests chosen to cross the window."""
+
+    sliding_window: Optional[int]
+    logits_soft_cap: Optional[float]
+    requests: tuple[tuple[int, int], ...]
+    block_size: int = 16
+    num_decode_steps: int = 2
+
+    @property
+    def features(self) -> frozenset[str]:
+        needs = set()
+        if self.sliding_window is not None:
+            needs.add("sliding_window")
+        if self.logits_soft_cap is not None:
+            needs.add("logits_soft_cap")
+        return frozenset(needs)
+
+    @property
+    def id(self) -> str:
+        return f"w{self.sliding_window}-cap{self.logits_soft_cap}-b{self.block_size}"
+
+
 # GQA ratios 1, 2, 4 times head sizes 64 and 128.
 ATTENTION_CASES: tuple[AttentionCase, ...] = tuple(
     AttentionCase(2 * ratio, 2, head_size) for ratio in (1, 2, 4) for head_size in (64, 128)
@@ -41,6 +72,41 @@ ATTENTION_CASES: tuple[AttentionCase, ...] = tuple(
 DEFAULT_REQUESTS: tuple[tuple[int, int], ...] = (
     (0, 37), (21, 1), (40, 19), (0, 1), (16, 16), (5, 1), (70, 1), (3, 9),
 )
+
+# Requests that cross a window of 24 keys (16-token blocks): a fresh prompt longer than the
+# window, chunks over cached context that reaches past it (one block-aligned), decodes right
+# at its edge (positions 23, 24), past it by a block or more, and short ones inside it.
+WINDOW_REQUESTS: tuple[tuple[int, int], ...] = (
+    (0, 70), (40, 19), (23, 1), (24, 1), (100, 1), (5, 1), (64, 32), (47, 1), (3, 9),
+)
+FEATURE_CASES: tuple[AttentionFeatureCase, ...] = (
+    AttentionFeatureCase(24, None, WINDOW_REQUESTS),
+    AttentionFeatureCase(None, 5.0, DEFAULT_REQUESTS, num_decode_steps=1),
+    AttentionFeatureCase(24, 5.0, WINDOW_REQUESTS),
+    # A window shorter than a block, and one of a single key (the query itself).
+    AttentionFeatureCase(7, None, WINDOW_REQUESTS, block_size=8),
+    AttentionFeatureCase(1, None, ((0, 20), (30, 1), (9, 4))),
+    # Blocks larger than the window, so the first needed block is often partly before it.
+    AttentionFeatureCase(20, 30.0, WINDOW_REQUESTS, block_size=32),
+)
+
+
+def supported_feature_cases(platform: Platform) -> tuple[AttentionFeatureCase, ...]:
+    """The FEATURE_CASES whose features `platform` lists in its capabilities."""
+    listed = platform.capabilities.attention_features
+    return tuple(c for c in FEATURE_CASES if c.features <= listed)
+
+
+def check_attention_features(platform: Platform, case: AttentionCase,
+                             feature_case: AttentionFeatureCase, **kwargs) -> float:
+    """`check_attention_against_reference` with a feature case's window, cap, requests,
+    block size and decode steps."""
+    return check_attention_against_reference(
+        platform, case, block_size=feature_case.block_size, requests=feature_case.requests,
+        sliding_window=feature_case.sliding_window,
+        logits_soft_cap=feature_case.logits_soft_cap,
+        num_decode_steps=feature_case.num_decode_steps, **kwargs)
+
 
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -54,16 +120,26 @@ def check_attention_against_reference(
     requests: Sequence[tuple[int, int]] = DEFAULT_REQUESTS,
     seed: int = 0,
     atol: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    logits_soft_cap: Optional[float] = None,
+    num_decode_steps: int = 0,
 ) -> float:
-    """Run two steps through `platform`'s backend and raise AssertionError on a mismatch.
+    """Run two steps (then `num_decode_steps` steps of one more token per request) through
+    `platform`'s backend and raise AssertionError on a mismatch. With a window, the blocks
+    before each step's window hold NaN.
 
     Returns the largest absolute error seen, so callers can report it.
     """
     gen = torch.Generator().manual_seed(seed)
-    spec = AttentionSpec(case.num_heads, case.num_kv_heads, case.head_size, dtype, block_size)
+    spec = AttentionSpec(case.num_heads, case.num_kv_heads, case.head_size, dtype, block_size,
+                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+    missing = spec.features - platform.capabilities.attention_features
+    if missing:
+        raise ValueError(f"{platform.name} does not list {sorted(missing)} in "
+                         "capabilities.attention_features; the kit checks listed features only")
     backend = platform.attention_backend(spec)
     device = platform.device()
-    seq_lens = [computed + new for computed, new in requests]
+    seq_lens = [computed + new + num_decode_steps for computed, new in requests]
     blocks_per_req = [math.ceil(s / block_size) for s in seq_lens]
     # Extra blocks stay unused so a backend reading the wrong block meets garbage, not zeros.
     num_blocks = sum(blocks_per_req) + 7
@@ -76,28 +152,54 @@ def check_attention_against_reference(
     scale = case.head_size**-0.5
     tol = atol if atol is not None else _TOLERANCE.get(dtype, 3e-2)
 
-    context_step = [(i, 0, c) for i, (c, _) in enumerate(requests) if c > 0]
-    new_step = [(i, c, n) for i, (c, n) in enumerate(requests)]
+    steps = [("context step", [(i, 0, c) for i, (c, _) in enumerate(requests) if c > 0]),
+             ("mixed step", [(i, c, n) for i, (c, n) in enumerate(requests)])]
+    steps += [(f"decode step {d + 1}", [(i, c + n + d, 1) for i, (c, n) in enumerate(requests)])
+              for d in range(num_decode_steps)]
+    block_dim = _block_dim(backend)
     worst = 0.0
-    for name, step in (("context step", context_step), ("mixed step", new_step)):
+    for name, step in steps:
         if not step:
             continue
+        if sliding_window is not None:
+            stale = _stale_blocks(step, tables, block_size, sliding_window)
+            if stale.numel():
+                kv_cache.index_fill_(block_dim, stale.to(device), float("nan"))
         out = _run_step(backend, step, qkv, tables, kv_cache, block_size, dtype, device, scale)
         row = 0
         for req, start, count in step:
             q, k, v = qkv[req]
             expected = _reference(q[start:start + count], k[:start + count],
-                                  v[:start + count], start, scale)
+                                  v[:start + count], start, scale, sliding_window,
+                                  logits_soft_cap)
             got = out[row:row + count].to("cpu", torch.float64)
             err = float((got - expected).abs().max())
             worst = max(worst, err)
             if not err <= tol:  # also catches NaN
                 raise AssertionError(
-                    f"{name}, case {case.id}, request {req} (context {start}, new {count}): "
+                    f"{name}, case {case.id}, request {req} (context {start}, new {count}, "
+                    f"window {sliding_window}, soft-cap {logits_soft_cap}): "
                     f"max abs error {err:.3g} > {tol:.3g} vs the float64 reference"
                 )
             row += count
     return worst
+
+
+def _block_dim(backend) -> int:
+    """The dimension of the backend's cache tensor that counts blocks."""
+    one, two = backend.kv_cache_shape(1), backend.kv_cache_shape(2)
+    dims = [d for d, (a, b) in enumerate(zip(one, two)) if a != b]
+    if len(dims) != 1:
+        raise AssertionError(f"kv_cache_shape: no single block dimension in {one} vs {two}")
+    return dims[0]
+
+
+def _stale_blocks(step, tables: torch.Tensor, block_size: int, window: int) -> torch.Tensor:
+    """Block ids lying wholly before the first key any query of the step attends (a
+    request's first query at position num_computed sees keys from num_computed - W + 1)."""
+    stale = [tables[req, :max(0, computed - window + 1) // block_size]
+             for req, computed, _ in step]
+    return torch.cat(stale).long()
 
 
 def _random_block_tables(
@@ -166,9 +268,12 @@ def _common_metadata(
 
 
 def _reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_computed: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_computed: int, scale: float,
+    sliding_window: Optional[int] = None, logits_soft_cap: Optional[float] = None,
 ) -> torch.Tensor:
-    """Causal softmax attention in float64; query row j sits at position num_computed + j.
+    """Causal softmax attention in float64; query row j sits at position num_computed + j
+    and, with a window W, sees keys at positions > its own - W only; a soft-cap c turns the
+    scores s into c * tanh(s / c).
 
     q: [Q, H, D]; k, v: [S, Hkv, D] with S = num_computed + Q. Query head h reads KV head
     h // (H / Hkv), the usual grouped-query layout.
@@ -177,6 +282,12 @@ def _reference(
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,shd->hqs", q, k) * scale
+    if logits_soft_cap is not None:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
     q_pos = torch.arange(num_computed, num_computed + q.shape[0])[:, None]
-    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > q_pos, float("-inf"))
+    k_pos = torch.arange(k.shape[0])[None, :]
+    blocked = k_pos > q_pos
+    if sliding_window is not None:
+        blocked |= q_pos - k_pos >= sliding_window
+    scores = scores.masked_fill(blocked, float("-inf"))
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)

@@ -65,7 +65,7 @@ def test_native_decode_task_split_matches_plain_attention(num_decodes, heads, kv
     assert lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                 tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
                                 out.data_ptr(), num_decodes, heads, kv_heads, head, block, scale,
-                                torch.get_num_threads()) == 0
+                                0, 0.0, torch.get_num_threads()) == 0
     for d in range(num_decodes):
         n = int(seq_lens[d])
         k = k_cache[tables[d].long()].flatten(0, 1)[:n]  # [n, kv_heads, head]
