@@ -31,6 +31,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     chat_template: Optional[str] = None
     generation_defaults: Optional[dict[str, Any]] = None  # from generation_config.json
+    # "native" (our class for `architecture`) or "transformers" (the HF class run through
+    # engine.models.transformers_fallback; `architecture` is then "TransformersForCausalLM").
+    model_impl: str = "native"
 
     @property
     def vocab_size(self) -> int:

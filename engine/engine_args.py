@@ -113,6 +113,12 @@ class EngineArgs(BaseModel):
         None, description="Chat template (a file path or the template text) to use instead of "
         "the model's."
     )
+    model_impl: Literal["auto", "native", "transformers"] = Field(
+        "auto", description="Which implementation runs the model: 'native' (the engine's own "
+        "classes only), 'transformers' (the HF *ForCausalLM class, its attention routed to the "
+        "engine's paged KV cache), or 'auto': native where the engine has the architecture, "
+        "else transformers where its class supports the attention interface."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     max_logprobs: int = Field(20, ge=0, description="Largest logprobs / prompt_logprobs k.")
     structured_outputs_backend: Literal["auto", "xgrammar", "guidance"] = Field(

@@ -22,7 +22,7 @@ from engine.config import (
     SchedulerConfig,
 )
 from engine.models.loader.source import ModelSource, locate
-from engine.models.registry import check_architecture
+from engine.models.registry import resolve_model_impl
 
 if TYPE_CHECKING:  # the arguments sit above the models; only their fields are read here
     from engine.engine_args import EngineArgs
@@ -47,8 +47,9 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
 
         hf_config = AutoConfig.from_pretrained(source.directory,
                                                trust_remote_code=args.trust_remote_code)
-    architecture = check_architecture(getattr(hf_config, "architectures", None),
-                                      getattr(hf_config, "model_type", None))
+    architecture, model_impl = resolve_model_impl(
+        hf_config, args.model_impl, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size)
     tokenizer = _tokenizer_source(args, source)
     max_model_len = _max_model_len(args.max_model_len, hf_config)
     check_config_features(hf_config, max_model_len)
@@ -60,6 +61,7 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
         dtype=None if args.dtype == "auto" else _DTYPES[args.dtype],
         max_model_len=max_model_len,
         architecture=architecture,
+        model_impl=model_impl,
         gguf_file=source.gguf_file,
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,

@@ -1,0 +1,283 @@
+"""Any HF causal LM we have no native class for, run by transformers' own modelling code
+over our paged KV cache and scheduler (`--model-impl transformers`; vLLM's Transformers
+backend does the same).
+
+Rule: transformers computes everything but attention. The HF model is built with
+`attn_implementation="engine_paged"`, an attention function registered with transformers'
+`AttentionInterface`: HF applies its projections, norms and rotary, then hands q/k/v to that
+function, which calls one of our `Attention` layers (declared here per decoder layer, so the
+model runner finds and binds them like a native model's) and returns what HF expects. The
+step's metadata reaches the function as a forward keyword argument (transformers passes
+`**kwargs` down to attention), never through a global. HF keeps no cache (`use_cache=False`)
+and builds no mask: an implementation outside its mask table gets none, and our backend
+masks by the block tables.
+
+What is refused, with the flag to change: a class that does not route attention through the
+interface (`_supports_attention_backend`), encoder-decoder and non-causal models, models
+with layers that are not attention (hybrid recurrent state would need a cache of its own),
+and tensor or pipeline parallelism (transformers' `base_model_tp_plan` is not applied here).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from engine.models.layers.attention import Attention, layer_sliding_windows
+
+ATTN_IMPLEMENTATION = "engine_paged"
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def hf_causal_lm_class(hf_config: Any) -> type[nn.Module]:
+    """The transformers causal LM class to build: the first name of the config's
+    `architectures` that transformers has as a causal LM, else (no list) its model_type's;
+    ValueError when there is none."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_lms = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(hf_config, "architectures", None) or []
+    for name in architectures:
+        if name in causal_lms and hasattr(transformers, name):
+            return getattr(transformers, name)
+    model_type = getattr(hf_config, "model_type", None)
+    if not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    raise ValueError(
+        f"transformers has no causal LM class named {architectures or model_type!r} "
+        f"(transformers {transformers.__version__}; remote code is not run by the fallback)"
+    )
+
+
+def fallback_problems(hf_config: Any) -> list[str]:
+    """Why the transformers fallback cannot run this config (empty: it can)."""
+    try:
+        cls = hf_causal_lm_class(hf_config)
+    except ValueError as e:
+        return [str(e)]
+    problems = []
+    if not getattr(cls, "_supports_attention_backend", False):
+        problems.append(f"{cls.__name__} does not route its attention through transformers' "
+                        "AttentionInterface (_supports_attention_backend is False)")
+    if getattr(hf_config, "is_encoder_decoder", False):
+        problems.append(f"{cls.__name__} is an encoder-decoder model")
+    layer_types = set(getattr(hf_config, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES
+    if layer_types:
+        problems.append(f"{cls.__name__} has layers that are not attention "
+                        f"({', '.join(sorted(layer_types))}), whose state needs a cache of its own")
+    return problems
+
+
+def check_fallback(hf_config: Any, tensor_parallel_size: int = 1,
+                   pipeline_parallel_size: int = 1) -> None:
+    """ValueError naming what keeps the transformers fallback from running this model."""
+    problems = fallback_problems(hf_config)
+    if tensor_parallel_size > 1:
+        problems.append(f"--tensor-parallel-size {tensor_parallel_size}: the fallback runs "
+                        "on one device (transformers' base_model_tp_plan is not applied); "
+                        "pass --tensor-parallel-size 1")
+    if pipeline_parallel_size > 1:
+        problems.append(f"--pipeline-parallel-size {pipeline_parallel_size}: the fallback "
+                        "runs the whole model in one stage; pass --pipeline-parallel-size 1")
+    if problems:
+        raise ValueError("The transformers fallback (--model-impl transformers) cannot run "
+                         f"{_architecture_name(hf_config)}:\n  " + "\n  ".join(problems)
+                         + "\nRun an architecture with a native class instead "
+                         "(--model-impl native lists them).")
+
+
+def paged_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # [1, num_heads, T, head_dim]
+    key: torch.Tensor,  # [1, num_kv_heads, T, head_dim]
+    value: torch.Tensor,  # [1, num_kv_heads, T, head_dim]
+    attention_mask: Optional[torch.Tensor],  # always None: no mask for this implementation
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    attn_metadata: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:  # [1, T, num_heads, head_dim], no attention weights
+    """transformers' attention-function signature over one of our `Attention` layers (the
+    one `TransformersForCausalLM` attached to `module` as `paged_attn`)."""
+    layer: Optional[Attention] = getattr(module, "paged_attn", None)
+    if layer is None or attn_metadata is None:
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', None)}) called the "
+            f"{ATTN_IMPLEMENTATION!r} attention without its engine layer or step metadata; "
+            "this HF class does not pass the forward's keyword arguments down to attention."
+        )
+    _check_agrees(layer, query, key, scaling, sliding_window, softcap)
+    num_tokens = query.shape[2]
+    q, k, v = (x[0].transpose(0, 1).reshape(num_tokens, -1) for x in (query, key, value))
+    out = layer(q, k, v, attn_metadata)  # [T, num_heads * head_dim]
+    return out.view(1, num_tokens, layer.num_heads, layer.head_dim), None
+
+
+def _check_agrees(layer: Attention, query: torch.Tensor, key: torch.Tensor,
+                  scaling: Optional[float], sliding_window: Optional[int],
+                  softcap: Optional[float]) -> None:
+    """What HF passes at run time must be what the layer declared when built (its KV-cache
+    group and the backend bound to it depend on it)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    got = (query.shape[1], key.shape[1], query.shape[-1], scale, sliding_window, softcap)
+    want = (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale,
+            layer.sliding_window, layer.logits_soft_cap)
+    if got[:3] != want[:3] or abs(scale - layer.scale) > 1e-6 * layer.scale or got[4:] != want[4:]:
+        raise RuntimeError(
+            f"Layer {layer.layer_idx}: HF attention passed (heads, kv heads, head_dim, scale, "
+            f"sliding_window, softcap) = {got}, the engine layer was declared with {want}."
+        )
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+
+
+class _GivenHidden(nn.Module):
+    """Stands in for the base model when the HF class's own forward computes logits from
+    hidden states we already have, so its head and every post-processing it does
+    (Gemma's final soft-cap, Granite's and Cohere's logit scales, ...) are HF's code, not a
+    copy. Any other attribute the forward reads is the real base model's."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self._base = (base,)  # a tuple: not a submodule, so no parameters appear twice
+
+    def forward(self, *args: Any, inputs_embeds: torch.Tensor, **kwargs: Any) -> _HiddenOutput:
+        return _HiddenOutput(inputs_embeds)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._base[0], name)
+
+
+class _HiddenOutput:
+    """The base model's output as the HF head code reads it: `last_hidden_state` or `[0]`;
+    every other field (cache, attentions, ...) is None."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != 0:
+            raise IndexError(index)
+        return self.last_hidden_state
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+class TransformersForCausalLM(nn.Module):
+    """An HF `*ForCausalLM` (as `self.hf`) with one engine `Attention` per decoder layer."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from engine.distributed import parallel_context
+
+        ctx = parallel_context()
+        check_fallback(config, ctx.tp_size, ctx.pp_size)
+        _register_attention()
+        # transformers writes dtype and attn_implementation onto the config it builds from;
+        # the engine's resolved config stays as it was.
+        hf_config = copy.deepcopy(config)
+        self.config = config
+        # Built where the loader says (its device context) in its dtype (the default dtype).
+        self.hf = hf_causal_lm_class(config)._from_config(
+            hf_config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.get_default_dtype())
+        self._attach_attention_layers(config)
+        base = self.hf.base_model
+        head = copy.copy(self.hf)  # the same modules, with the base model stood in for
+        head._modules = dict(self.hf._modules)
+        head._modules[self.hf.base_model_prefix] = _GivenHidden(base)
+        object.__setattr__(self, "_head", head)  # outside the module tree: no second copy
+
+    def _attach_attention_layers(self, config: Any) -> None:
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        windows = layer_sliding_windows(config)
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        found: dict[int, nn.Module] = {}
+        for name, module in list(self.hf.named_modules()):
+            layer_idx = getattr(module, "layer_idx", None)
+            if not type(module).__name__.endswith("Attention") or layer_idx is None:
+                continue
+            if getattr(module, "is_causal", True) is False:
+                raise ValueError(f"{type(self.hf).__name__}: {name} is not causal attention; "
+                                 "the transformers fallback runs decoder-only models.")
+            if layer_idx in found:
+                raise ValueError(f"{type(self.hf).__name__}: two attention modules claim "
+                                 f"layer {layer_idx} ({name}); the fallback cannot run it.")
+            scale = getattr(module, "scaling", None) or head_dim**-0.5
+            module.paged_attn = Attention(num_heads, num_kv_heads, head_dim, float(scale),
+                                          layer_idx=layer_idx, sliding_window=windows[layer_idx],
+                                          logits_soft_cap=softcap)
+            found[layer_idx] = module
+        if sorted(found) != list(range(config.num_hidden_layers)):
+            raise ValueError(
+                f"{type(self.hf).__name__}: found attention modules for layers "
+                f"{sorted(found)}, expected one for each of {config.num_hidden_layers}; the "
+                "transformers fallback cannot run it (--model-impl native)."
+            )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
+                ) -> torch.Tensor:
+        """[T] ids and positions (every request's tokens, flattened) -> [T, hidden] after
+        the final norm. HF sees one batch row; our backend keeps the requests apart."""
+        out = self.hf.base_model(input_ids=input_ids[None], position_ids=positions[None],
+                                 use_cache=False, attn_metadata=attn_metadata)
+        return out.last_hidden_state[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float32, by the HF class's own head code."""
+        out = self._head(inputs_embeds=hidden_states[None], use_cache=False)
+        return out.logits[0].float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF names map 1:1 onto the wrapped model (under `hf.`); a checkpoint saved from the
+        base model alone (no `transformer.`/`model.` prefix) is accepted as HF accepts it.
+        A tied head counts as loaded with the embedding it is."""
+        params = dict(self.hf.named_parameters(remove_duplicate=False))
+        buffers = dict(self.hf.named_buffers())
+        canonical = {id(p): f"hf.{n}" for n, p in self.hf.named_parameters()}
+        prefix = self.hf.base_model_prefix + "."
+        ignored = [re.compile(p) for p in
+                   (getattr(self.hf, "_keys_to_ignore_on_load_unexpected", None) or ())]
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name
+            if name not in params and name not in buffers and prefix + name in (
+                    params.keys() | buffers.keys()):
+                name = prefix + name
+            target = params.get(name)
+            if target is None:
+                target = buffers.get(name)
+            if target is None:
+                if any(p.search(hf_name) for p in ignored):
+                    continue
+                raise ValueError(f"Checkpoint tensor {hf_name!r} has no parameter in "
+                                 f"{type(self.hf).__name__}; the weights do not match the config.")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"Checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(target.shape)}.")
+            target.data.copy_(tensor)
+            if id(target) in canonical:
+                loaded.add(canonical[id(target)])
+        return loaded
+
+
+def _architecture_name(hf_config: Any) -> str:
+    archs = getattr(hf_config, "architectures", None)
+    return archs[0] if archs else repr(getattr(hf_config, "model_type", None))
