@@ -17,6 +17,8 @@ in meaning; dtypes are the model's):
   -> (q, k)``: neox layout (first half / second half), cos in the cache's first half and sin
   in its second; may rotate in place and return its inputs.
 * ``silu_and_mul(x [T, 2d]) -> [T, d]``: silu(first half) * second half.
+* ``gelu_tanh_and_mul(x [T, 2d]) -> [T, d]``: gelu with the tanh approximation (HF
+  ``gelu_pytorch_tanh``, Gemma) of the first half * second half.
 * ``apply_token_bitmask(logits [R, V] float, bitmask [K, W] int32, rows [K] int64) -> None``:
   in place, for each k, every logit of row ``rows[k]`` whose token t has bit ``t % 32`` of
   word ``bitmask[k, t // 32]`` clear becomes -inf (structured outputs: the tokens a grammar
@@ -77,6 +79,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)  # in place on silu's fresh output: one buffer, not two
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh").mul_(up)
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
                         ) -> None:
     vocab = logits.shape[-1]
@@ -103,6 +110,7 @@ REFERENCE: Mapping[str, Callable[..., Any]] = {
     "fused_add_rms_norm": fused_add_rms_norm,
     "rotary_embedding": rotary_embedding,
     "silu_and_mul": silu_and_mul,
+    "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "apply_token_bitmask": apply_token_bitmask,
 }
 KERNEL_NAMES: tuple[str, ...] = tuple(REFERENCE)

@@ -1,8 +1,9 @@
 """The Llama decoder, shared by every Llama-shaped model (Llama 2/3/3.1, Mistral, SmolLM2,
-DeepSeek-R1-Distill-Llama) and, through `DecoderOptions`, by Qwen2 and Qwen3.
+DeepSeek-R1-Distill-Llama) and, through `DecoderOptions`, by Qwen2, Qwen3, Phi-3, Gemma 2
+and Gemma 3.
 
-Rule: a variant is a set of options on this one decoder (qkv bias, per-head q/k norm), never
-a copy of it. Tokens are flattened ([T], no batch dimension); the paged cache work is the
+Rule: a variant is a set of options on this one decoder (qkv bias, per-head q/k norm, Gemma's
+norms and soft-caps), never a copy of it. Tokens are flattened ([T], no batch dimension); the paged cache work is the
 `Attention` layer's. Compute runs in the model dtype; logits come out in float32.
 
 With tensor parallelism the two row-parallel projections of a layer (o_proj, down_proj)
@@ -10,11 +11,14 @@ return this rank's partial sums, and the norm after each (the next post-attentio
 norm, or the final norm) sums them over the ranks fused with its residual add. So the
 residual stream is always whole and a branch output is partial; the hidden state a pipeline
 stage hands on is partial too (each TP rank sends its own to the same rank of the next
-stage, whose first norm sums it).
+stage, whose first norm sums it). Gemma's sandwich norms normalise a branch output before
+it joins the residual, so there the projections sum over the ranks themselves and every
+norm takes whole inputs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -24,9 +28,9 @@ from torch import nn
 
 from engine.distributed import parallel_context
 from engine.distributed.pipeline import Stage
-from engine.models.layers.activation import SiluAndMul
+from engine.models.layers.activation import gated_activation
 from engine.models.layers.attention import Attention, layer_sliding_windows
-from engine.models.layers.layernorm import RMSNorm
+from engine.models.layers.layernorm import GemmaRMSNorm, RMSNorm
 from engine.models.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -54,6 +58,25 @@ class DecoderOptions:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
+    gemma_norms: bool = False  # every norm scales by (1 + w), in float32 (GemmaRMSNorm)
+    sandwich_norms: bool = False  # Gemma 2/3: a norm after each branch too (SandwichDecoderLayer)
+    activation: str = "silu"  # the MLP's gate activation (an HF name)
+    embed_scale: Optional[float] = None  # embeddings times this (Gemma: sqrt(hidden_size))
+    attn_scale: Optional[float] = None  # softmax scale; None: head_dim ** -0.5
+    attn_logits_soft_cap: Optional[float] = None  # scores -> cap * tanh(scores / cap)
+    final_logits_soft_cap: Optional[float] = None  # logits -> cap * tanh(logits / cap)
+    rope_per_layer_type: bool = False  # Gemma 3: rope_parameters per layer type
+
+    @property
+    def reduces_branches(self) -> bool:
+        """Whether o_proj and down_proj sum over the TP ranks themselves: Gemma's norms do
+        no fused all-reduce, and a sandwich norm needs the whole branch output."""
+        return self.gemma_norms or self.sandwich_norms
+
+    def norm(self, size: int, eps: float, partial_input: bool = False) -> RMSNorm:
+        if self.gemma_norms:
+            return GemmaRMSNorm(size, eps)
+        return RMSNorm(size, eps, partial_input=partial_input and not self.reduces_branches)
 
     @staticmethod
     def llama(config: Any) -> DecoderOptions:
@@ -78,13 +101,17 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.heads.num_heads
         self.num_kv_heads = self.qkv_proj.heads.num_kv_heads
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
-                                        bias=opts.o_bias, reduce_output=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
-        self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.head_dim**-0.5, layer_idx=layer_idx,
-                              sliding_window=layer_sliding_windows(config)[layer_idx])
+                                        bias=opts.o_bias,
+                                        reduce_output=opts.reduces_branches)
+        eps = config.rms_norm_eps
+        self.q_norm = opts.norm(self.head_dim, eps) if opts.qk_norm else None
+        self.k_norm = opts.norm(self.head_dim, eps) if opts.qk_norm else None
+        self.rotary_emb = rotary_emb  # shared by the layers of one rope setting: one cache
+        scale = self.head_dim**-0.5 if opts.attn_scale is None else opts.attn_scale
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale,
+                              layer_idx=layer_idx,
+                              sliding_window=layer_sliding_windows(config)[layer_idx],
+                              logits_soft_cap=opts.attn_logits_soft_cap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: Any
                 ) -> torch.Tensor:
@@ -99,15 +126,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, opts: DecoderOptions) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size],
                                                        bias=bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias,
-                                           reduce_output=False)
-        self.act = SiluAndMul()
+                                           reduce_output=opts.reduces_branches)
+        self.act = gated_activation(opts.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -118,12 +145,12 @@ class LlamaDecoderLayer(nn.Module):
                  layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, opts, rotary_emb, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, opts)
         # Both take a partial branch output (the row-parallel projections do not reduce).
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                       partial_input=True)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                                partial_input=True)
+        self.input_layernorm = opts.norm(config.hidden_size, config.rms_norm_eps,
+                                         partial_input=True)
+        self.post_attention_layernorm = opts.norm(config.hidden_size, config.rms_norm_eps,
+                                                  partial_input=True)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: Optional[torch.Tensor], attn_metadata: Any
@@ -135,6 +162,50 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+class SandwichDecoderLayer(LlamaDecoderLayer):
+    """Gemma 2/3: each branch is normalised after as well as before, then joins the residual:
+    h += post_attention_norm(attn(input_norm(h))); h += post_feedforward_norm(mlp(
+    pre_feedforward_norm(h))). The sum is left to the next norm, as in the Llama layer."""
+
+    def __init__(self, config: Any, opts: DecoderOptions, rotary_emb: RotaryEmbedding,
+                 layer_idx: int) -> None:
+        super().__init__(config, opts, rotary_emb, layer_idx)
+        self.pre_feedforward_layernorm = opts.norm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = opts.norm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: Optional[torch.Tensor], attn_metadata: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, attn_metadata))
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+
+def _rotary_embeddings(config: Any, opts: DecoderOptions) -> list[RotaryEmbedding]:
+    """Each layer's rotary embedding: one for all layers, or (Gemma 3) one per layer type,
+    shared by the layers of that type."""
+    size, max_position = head_dim_of(config), config.max_position_embeddings
+    if not opts.rope_per_layer_type:
+        return [RotaryEmbedding(size, max_position, *rope_settings(config))
+                ] * config.num_hidden_layers
+    by_type: dict[str, RotaryEmbedding] = {}
+    for layer_type in config.layer_types:
+        if layer_type not in by_type:
+            by_type[layer_type] = RotaryEmbedding(size, max_position,
+                                                  *rope_settings(config, layer_type))
+    return [by_type[t] for t in config.layer_types]
+
+
+@functools.cache
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` (HF scales embeddings by a tensor of the model dtype)."""
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
 
 
 class LlamaModel(nn.Module):
@@ -151,15 +222,15 @@ class LlamaModel(nn.Module):
             VocabParallelEmbedding(config.vocab_size, config.hidden_size)
             if self.stage.is_first or (self.stage.is_last and tied) else None
         )
-        theta, rope_params = rope_settings(config)
-        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
-                                     theta, rope_params)
+        self.embed_scale = opts.embed_scale
+        rotary = _rotary_embeddings(config, opts)
+        layer_cls = SandwichDecoderLayer if opts.sandwich_norms else LlamaDecoderLayer
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, opts, rotary_emb, i)
+            layer_cls(config, opts, rotary[i], i)
             if i in self.stage.layers else nn.Identity()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = (RMSNorm(config.hidden_size, config.rms_norm_eps, partial_input=True)
+        self.norm = (opts.norm(config.hidden_size, config.rms_norm_eps, partial_input=True)
                      if self.stage.is_last else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
@@ -171,6 +242,8 @@ class LlamaModel(nn.Module):
         if self.stage.is_first:
             assert self.embed_tokens is not None
             hidden, residual = self.embed_tokens(input_ids), None
+            if self.embed_scale is not None:
+                hidden = hidden * _in_dtype(self.embed_scale, hidden.dtype)
         else:
             assert intermediate is not None, "a later pipeline stage needs its input"
             hidden, residual = intermediate
@@ -189,7 +262,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.decoder_options(config))
+        opts = self.decoder_options(config)
+        self.model = LlamaModel(config, opts)
+        self.final_logits_soft_cap = opts.final_logits_soft_cap
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         # The head lives on the last pipeline stage only (every stage with one).
         self.lm_head: Optional[VocabParallelEmbedding] = (
@@ -209,7 +284,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         assert head is not None, "logits are computed on the last pipeline stage only"
-        return head.logits(hidden_states).float()
+        logits = head.logits(hidden_states).float()
+        cap = self.final_logits_soft_cap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy (HF name, tensor) pairs in; a merged parameter counts as loaded only once

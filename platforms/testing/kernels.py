@@ -31,7 +31,7 @@ def _cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.Gener
             cases.append((rand(tokens, hidden), rand(hidden), 1e-5))
         elif name == "fused_add_rms_norm":
             cases.append((rand(tokens, hidden), rand(tokens, hidden), rand(hidden), 1e-6))
-        elif name == "silu_and_mul":
+        elif name in ("silu_and_mul", "gelu_tanh_and_mul"):
             cases.append((rand(tokens, 2 * hidden),))
     if name == "rms_norm":  # tiny activations, where eps matters as much as the values
         cases.append((rand(5, 256) * 1e-3, rand(256), 1e-6))

@@ -1,4 +1,5 @@
-"""RMSNorm, with the residual add fused in so the decoder keeps one residual stream.
+"""RMSNorm, with the residual add fused in so the decoder keeps one residual stream; and
+Gemma's RMSNorm, whose scale is (1 + weight).
 
 Rule: the ops come from the current kernel table (`platforms.kernels`), looked up once when
 the layer is built, so a platform can swap them; the reference normalises in float32 and
@@ -45,3 +46,27 @@ class RMSNorm(nn.Module):
             return self.comm.all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
                                                      self._add_norm)
         return self._add_norm(x, residual, self.weight, self.eps)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm (HF Gemma2RMSNorm/Gemma3RMSNorm): the checkpoint stores w and the
+    scale is (1 + w); normalised and scaled in float32, rounded to the input dtype once at
+    the end (the reference `rms_norm` on float32 inputs computes exactly that). With a
+    residual the add is in the input dtype, as HF adds. Takes whole inputs only: the
+    sandwich-norm decoder reduces its row-parallel outputs before any norm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()  # w = 0 is the identity scale
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if residual is not None:
+            x = x + residual
+            return self._scaled_norm(x), x
+        return self._scaled_norm(x)
+
+    def _scaled_norm(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()  # [H] float32
+        return self._norm(x.float(), scale, self.eps).to(x.dtype)

@@ -2,8 +2,10 @@
 
 Rule: the cache and the rotation are computed in float32, then cast back to the model dtype
 (the rotation is the `rotary_embedding` op of the current kernel table);
-scaling variants only change the inverse frequencies. Reads both rope spellings of HF
-configs: transformers 5 `rope_parameters` and the older `rope_theta` + `rope_scaling`.
+scaling variants only change the inverse frequencies (longrope: two sets, by position, and
+a scale on cos/sin). Reads both rope spellings of HF configs: transformers 5
+`rope_parameters` and the older `rope_theta` + `rope_scaling`, and the per-layer-type
+`rope_parameters` of Gemma 3 ({"sliding_attention": {...}, "full_attention": {...}}).
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from torch import nn
 
 from platforms.kernels import kernel
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def rope_settings(hf_config: Any) -> tuple[float, dict[str, Any]]:
-    """(rope_theta, scaling dict with at least 'rope_type') from either config spelling."""
+def rope_settings(hf_config: Any, layer_type: Optional[str] = None
+                  ) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, scaling dict with at least 'rope_type') from either config spelling;
+    with `layer_type`, that layer type's entry where the config has one per type."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     legacy = getattr(hf_config, "rope_scaling", None) or {}
     for key, value in legacy.items():
         params.setdefault(key, value)
@@ -46,6 +52,51 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _longrope_inv_freq(head_dim: int, theta: float, factors: list[float]) -> torch.Tensor:
+    """LongRoPE (Phi-3): each frequency divided by its own factor (transformers'
+    `_compute_longrope_parameters`, same float32 steps)."""
+    ext = torch.tensor(factors, dtype=torch.float32)
+    if ext.shape != (head_dim // 2,):
+        raise ValueError(f"longrope factors have {ext.numel()} entries, the head needs "
+                         f"{head_dim // 2} (head_dim / 2); the config's rope_parameters set them.")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (ext * theta**exponents)
+
+
+def longrope_scaling(params: dict[str, Any], max_position: int) -> tuple[int, float]:
+    """(original context, cos/sin scale) of a longrope config, as transformers derives them:
+    the scale is `attention_factor`, else sqrt(1 + ln(factor) / ln(original)) with
+    factor = max_position_embeddings / original (1.0 when that is <= 1)."""
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor") or max_position / original
+    scale = params.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return original, float(scale)
+
+
+def cos_sin_cache(head_dim: int, max_position: int, theta: float,
+                  params: dict[str, Any]) -> torch.Tensor:
+    """[max_position, head_dim] float32: cos in the first half, sin in the second.
+
+    Longrope keeps, per position, the factors transformers picks for a sequence that long:
+    short ones below `original_max_position_embeddings`, long ones from there on (HF picks
+    per forward by the sequence's length; a key's rotation here depends on its position
+    only, so chunking and the prefix cache cannot change it). Equal to HF for every
+    sequence generated from a prompt within the original context; a longer prompt's first
+    `original` positions differ (HF rotates them with the long factors)."""
+    positions = torch.arange(max_position, dtype=torch.float32)
+    if params["rope_type"] != "longrope":
+        freqs = torch.outer(positions, inverse_frequencies(head_dim, theta, params))
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    original, scale = longrope_scaling(params, max_position)
+    short = _longrope_inv_freq(head_dim, theta, params["short_factor"])
+    long = _longrope_inv_freq(head_dim, theta, params["long_factor"])
+    inv_freq = torch.where((positions < original)[:, None], short, long)  # [P, D/2]
+    freqs = positions[:, None] * inv_freq
+    return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+
+
 def inverse_frequencies(head_dim: int, theta: float, params: dict[str, Any]) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies after the configured scaling."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -56,6 +107,8 @@ def inverse_frequencies(head_dim: int, theta: float, params: dict[str, Any]) -> 
         return inv_freq / float(params["factor"])
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, params)
+    if rope_type == "longrope":  # the short factors; `cos_sin_cache` switches by position
+        return _longrope_inv_freq(head_dim, theta, params["short_factor"])
     raise ValueError(
         f"rope type {rope_type!r} is not supported (supported: "
         f"{', '.join(SUPPORTED_ROPE_TYPES)}); the model's config.json sets it."
@@ -68,10 +121,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float,
                  params: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, theta, params or {"rope_type": "default"})
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        # [max_position, head_dim]: cos in the first half, sin in the second.
-        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        cache = cos_sin_cache(head_dim, max_position, theta, params or {"rope_type": "default"})
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self._op = kernel("rotary_embedding")
 

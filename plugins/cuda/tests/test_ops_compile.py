@@ -91,6 +91,8 @@ def _compile_all(bin_dir: str) -> None:
              dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8))
     _compile(activation._silu_and_mul_kernel,
              lambda n: "*bf16" if n.endswith("_ptr") else "i32", dict(BLOCK=1024))
+    _compile(activation._gelu_tanh_and_mul_kernel,
+             lambda n: "*bf16" if n.endswith("_ptr") else "i32", dict(BLOCK=1024))
     print("small kernels ok", flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Triton RMSNorm, rotary embedding, SiLU-and-mul and the token bitmask against the torch references the core
+"""Triton RMSNorm, rotary embedding, SiLU-and-mul, GELU(tanh)-and-mul and the token bitmask against the torch references the core
 uses (`platforms.kernels`), on fresh random inputs (CPU: Triton's interpreter)."""
 
 from __future__ import annotations
@@ -79,6 +79,13 @@ def test_silu_and_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gelu_tanh_and_mul(dtype):
+    x = _randn(3, 2, 2 * 1500, dtype=dtype, seed=7, scale=4.0)  # d spans two blocks
+    x[0, 0, :8] = torch.tensor([-30.0, -12.0, -1e-3, 0.0, 1e-3, 12.0, 30.0, -5.0])  # the tails
+    _assert_close(activation.gelu_tanh_and_mul(x), reference.gelu_tanh_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,vocab,masked,words", [
     (1, 40, [0], 2), (6, 5000, [4, 1, 2], 157), (5, 9000, [0, 1, 2, 3, 4], 282),
     (3, 5000, [2, 0], 100),  # tokens past the mask's last word are forbidden
@@ -99,6 +106,8 @@ def test_apply_token_bitmask(dtype, rows, vocab, masked, words):
 def test_clear_errors():
     with pytest.raises(ValueError, match="not even"):
         activation.silu_and_mul(torch.zeros(2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="gelu_tanh_and_mul.*not even"):
+        activation.gelu_tanh_and_mul(torch.zeros(2, 5, device=DEVICE))
     with pytest.raises(ValueError, match="float32"):
         q = torch.zeros(1, 1, 8, device=DEVICE)
         rotary.rotary_embedding(torch.zeros(1, dtype=torch.long, device=DEVICE), q, q,
