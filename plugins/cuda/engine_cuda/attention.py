@@ -5,6 +5,7 @@ decode), whatever the mix of prefill chunks and decodes; metadata holds device t
 python ints only, so `forward` never synchronises with the host. While the CUDA graph runner
 captures, it sets `capture_hook`, through which every attention call of the model then goes
 (the runner was handed these backends by the model runner: see `GraphRunner.attention`).
+The spec's sliding window and logits soft-cap are constexpr switches of the kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from typing import Optional
 
 import torch
 
-from engine_cuda.ops.attention import H100_NUM_SMS, choose_num_splits, paged_attention
+from engine_cuda.ops.attention import (
+    H100_NUM_SMS,
+    choose_num_splits,
+    paged_attention,
+    windowed_len,
+)
 from engine_cuda.ops.kv_cache import write_kv
 from platforms.interface import AttentionBackend, AttentionSpec, CommonAttentionMetadata
 
@@ -50,8 +56,10 @@ class TritonAttentionBackend(AttentionBackend):
         return (2, num_blocks, s.block_size, s.num_kv_heads, s.head_size)
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
-        num_splits = choose_num_splits(common.num_reqs, self.spec.num_kv_heads,
-                                       common.max_seq_len, self.num_sms)
+        # With a window a query reads at most W keys: slices are sized by that.
+        num_splits = choose_num_splits(
+            common.num_reqs, self.spec.num_kv_heads,
+            windowed_len(common.max_seq_len, self.spec.sliding_window), self.num_sms)
         return TritonAttentionMetadata(
             num_reqs=common.num_reqs,
             num_actual_tokens=common.num_actual_tokens,
@@ -91,4 +99,5 @@ class TritonAttentionBackend(AttentionBackend):
             query, kv_cache, out, metadata.query_start_loc, metadata.seq_lens,
             metadata.block_table, scale, metadata.max_query_len, metadata.max_seq_len,
             num_splits=metadata.num_splits, num_sms=self.num_sms,
+            sliding_window=self.spec.sliding_window, logits_soft_cap=self.spec.logits_soft_cap,
         )

@@ -66,6 +66,8 @@ class CudaPlatform(DeviceModulePlatform):
         # 55% vs 62% was Triton compiling in the first run, not this setting); 512 lets more
         # decodes ride along with prefill chunks where outputs are longer.
         default_max_num_seqs=512,
+        # The Triton kernel's window and soft-cap switches (ops/attention.py).
+        attention_features=frozenset({"sliding_window", "logits_soft_cap"}),
         notes={"kernels": ", ".join(sorted(TRITON_KERNELS)) + " (triton); attention: triton "
                           "paged"},
     )

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from engine_cuda.attention import TritonAttentionBackend  # noqa: E402
 
 from platforms.interface import (  # noqa: E402
+    ATTENTION_FEATURES,
     AttentionSpec,
     Capabilities,
     CommonAttentionMetadata,
@@ -18,7 +19,10 @@ from platforms.interface import (  # noqa: E402
 )
 from platforms.testing.attention import (  # noqa: E402
     ATTENTION_CASES,
+    FEATURE_CASES,
     check_attention_against_reference,
+    check_attention_features,
+    supported_feature_cases,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,7 +33,8 @@ class TritonTestPlatform(Platform):
 
     name = "triton-test"
     device_type = DEVICE
-    capabilities = Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    capabilities = Capabilities(dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                                attention_features=frozenset(ATTENTION_FEATURES))
 
     @classmethod
     def is_available(cls) -> bool:
@@ -58,6 +63,23 @@ def test_conformance_kit_with_split_decode_and_large_blocks():
     requests = ((300, 1), (129, 1), (0, 1))
     check_attention_against_reference(SplitPlatform(), ATTENTION_CASES[2], block_size=32,
                                       requests=requests)
+
+
+@pytest.mark.parametrize("feature_case", FEATURE_CASES, ids=lambda c: c.id)
+def test_conformance_kit_window_and_soft_cap(feature_case):
+    # Stale blocks before each step's window hold NaN; decode steps run past the window.
+    assert supported_feature_cases(TritonTestPlatform()) == FEATURE_CASES
+    for case in (ATTENTION_CASES[0], ATTENTION_CASES[5]):
+        check_attention_features(TritonTestPlatform(), case, feature_case)
+
+
+def test_conformance_kit_window_split_decode_bfloat16():
+    class SplitPlatform(TritonTestPlatform):
+        def attention_backend(self, spec):
+            return TritonAttentionBackend(spec, num_sms=64)
+
+    check_attention_features(SplitPlatform(), ATTENTION_CASES[2], FEATURE_CASES[2],
+                             dtype=torch.bfloat16)
 
 
 def _metadata(q_lens, seq_lens, table, slots) -> CommonAttentionMetadata:

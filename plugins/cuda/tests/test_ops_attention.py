@@ -50,9 +50,11 @@ def _batch(requests, num_heads, num_kv_heads, head_size, block_size, dtype, *, p
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32))
 
 
-def _reference(b, scale):
-    """float64 causal attention per request, through the block table."""
-    q, cache, table = b["q"], b["cache"], b["table"]
+def _reference(b, scale, window=None, soft_cap=None):
+    """float64 causal attention per request, through the block table (a query at p sees
+    keys > p - window; scores s -> soft_cap * tanh(s / soft_cap))."""
+    q, table = b["q"], b["table"]
+    cache = b["cache"].nan_to_num(0.0)  # poisoned blocks lie outside every window
     block_size = cache.shape[2]
     group = q.shape[1] // cache.shape[3]
     out = torch.zeros_like(q)
@@ -66,8 +68,13 @@ def _reference(b, scale):
         k = cache[0][slots].repeat_interleave(group, 1)  # [S, H, D]
         v = cache[1][slots].repeat_interleave(group, 1)
         scores = torch.einsum("qhd,shd->hqs", q[start:end], k) * scale
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
         q_pos = torch.arange(seq_len - (end - start), seq_len)[:, None]
-        scores = scores.masked_fill(pos[None, :] > q_pos, float("-inf"))
+        blocked = pos[None, :] > q_pos
+        if window is not None:
+            blocked |= q_pos - pos[None, :] >= window
+        scores = scores.masked_fill(blocked, float("-inf"))
         out[start:end] = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
     return out
 
@@ -86,8 +93,8 @@ def _run(b, dtype, *, max_query_len=None, num_splits=None, num_sms=132, sentinel
     return out.cpu().double()
 
 
-def _assert_close(got, b, dtype):
-    expected = _reference(b, b["q"].shape[-1] ** -0.5)
+def _assert_close(got, b, dtype, window=None, soft_cap=None):
+    expected = _reference(b, b["q"].shape[-1] ** -0.5, window, soft_cap)
     end = int(b["qsl"][-1])
     err = float((got[:end] - expected[:end]).abs().max())
     assert err <= TOL[dtype], f"max abs error {err:.3g} > {TOL[dtype]}"
@@ -208,3 +215,67 @@ def test_split_counts_share_one_compiled_kernel():
         _assert_close(_run(b, torch.float32, num_splits=num_splits), b, torch.float32)
     after = [len(k.device_caches[dev][0]) for k in kernels]
     assert after == before, f"split counts compiled new variants: {before} -> {after}"
+
+
+def poison_stale_blocks(b, window):
+    """Fill with NaN every cache block wholly before the first key a request's first query
+    sees (the engine may have freed and reused them): the kernel must not read them."""
+    block_size = b["cache"].shape[2]
+    q_lens = (b["qsl"][1:] - b["qsl"][:-1]).tolist()
+    for i, (seq_len, q_len) in enumerate(zip(b["seq_lens"].tolist(), q_lens)):
+        first_key = max(0, seq_len - q_len - window + 1)
+        stale = b["table"][i, :first_key // block_size].long()
+        b["cache"][:, stale] = float("nan")
+
+
+# Prefill tiles that straddle the window's edge, chunks over context past it, decodes at its
+# edge and far beyond, a block-aligned chunk, short requests inside it.
+WINDOW_REQUESTS = [(0, 70), (40, 19), (100, 1), (23, 1), (24, 1), (5, 40), (64, 32), (0, 1),
+                   (200, 3)]
+
+
+@pytest.mark.parametrize(("window", "soft_cap"), [(24, None), (7, None), (100, None),
+                                                  (None, 5.0), (24, 5.0), (1, None)])
+def test_window_and_soft_cap_mixed_batch(window, soft_cap):
+    b = _batch(WINDOW_REQUESTS, 8, 2, 64, 16, torch.float32, pad_rows=3, seed=7)
+    if window is not None:
+        poison_stale_blocks(b, window)
+    got = _run(b, torch.float32, sliding_window=window, logits_soft_cap=soft_cap)
+    assert torch.equal(got[-3:], torch.full_like(got[-3:], 7.0))
+    _assert_close(got, b, torch.float32, window, soft_cap)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 6])
+@pytest.mark.parametrize("window", [24, 130, 1000])
+def test_window_split_decode(num_splits, window):
+    # Slices cover the window only; 1000 is longer than every context (no stale block).
+    b = _batch([(300, 1), (130, 1), (7, 1), (520, 2)], 8, 2, 64, 16, torch.float32, seed=8)
+    poison_stale_blocks(b, window)
+    got = _run(b, torch.float32, num_splits=num_splits, sliding_window=window,
+               logits_soft_cap=30.0)
+    _assert_close(got, b, torch.float32, window, 30.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_window_and_soft_cap_half_precision(dtype):
+    b = _batch(WINDOW_REQUESTS, 8, 2, 64, 16, dtype, seed=9)
+    poison_stale_blocks(b, 24)
+    got = _run(b, dtype, sliding_window=24, logits_soft_cap=5.0)
+    _assert_close(got, b, dtype, 24, 5.0)
+
+
+def test_window_with_large_blocks_and_odd_group():
+    # Cache blocks (128) larger than a key tile (64), group of 3, head size 32.
+    b = _batch([(300, 20), (137, 1), (0, 90)], 6, 2, 32, 128, torch.float32, seed=10)
+    poison_stale_blocks(b, 50)
+    _assert_close(_run(b, torch.float32, sliding_window=50), b, torch.float32, 50)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the interpreter's numpy
+def test_soft_cap_saturates_without_nan():
+    # Huge scores: tanh through exp2 must give +-cap, not inf/inf.
+    b = _batch([(40, 3), (90, 1)], 4, 2, 32, 16, torch.float32, seed=11)
+    b["q"] *= 1e4
+    got = _run(b, torch.float32, logits_soft_cap=2.0)
+    assert torch.isfinite(got[:4]).all()
+    _assert_close(got, b, torch.float32, None, 2.0)

@@ -19,9 +19,10 @@ import pytest
 # Integer arguments the JIT sees as multiples of 16 for the Llama-8B shape (it specialises
 # on that), besides every stride.
 _ALIGNED_INTS = {"block_size", "hidden", "d", "num_kv_heads", "head_size"}
-# (head_size, prefill tile?, num_splits) of the attention kernels checked.
-ATTENTION_CASES = [(128, False, 1), (128, False, 8), (128, True, 1), (64, True, 1),
-                   (256, True, 1)]
+# (head_size, prefill tile?, num_splits, window and soft-cap?) of the attention kernels checked.
+ATTENTION_CASES = [(128, False, 1, False), (128, False, 8, False), (128, True, 1, False),
+                   (64, True, 1, False), (256, True, 1, False), (128, False, 8, True),
+                   (128, True, 1, True), (256, True, 1, True)]
 
 
 def _compile(fn, arg_type, constexprs, num_warps=4, num_stages=3):
@@ -55,7 +56,7 @@ def _attention_arg(name: str) -> str:
         return "*fp32"
     if name in ("qsl_ptr", "seq_lens_ptr", "bt_ptr"):
         return "*i32"
-    return "fp32" if name == "qk_scale" else "i32"
+    return "fp32" if name in ("qk_scale", "cap_in") else "i32"
 
 
 def _compile_all(bin_dir: str) -> None:
@@ -63,18 +64,19 @@ def _compile_all(bin_dir: str) -> None:
     from engine_cuda.ops import activation, kv_cache, norm, rotary
     from engine_cuda.ops import attention as attn
 
-    for head_size, prefill, num_splits in ATTENTION_CASES:
+    for head_size, prefill, num_splits, features in ATTENTION_CASES:
         cfg = (attn.prefill_config if prefill else attn.small_query_config)(4, head_size)
         constexprs = dict(GROUP=4, GROUP_PAD=4, HEAD_SIZE=head_size, BLOCK_Q=cfg.block_q,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          ONE_TILE_PER_REQ=not prefill, SPLIT=num_splits > 1, IEEE=False)
+                          ONE_TILE_PER_REQ=not prefill, SPLIT=num_splits > 1, IEEE=False,
+                          WINDOW=features, SOFT_CAP=features)
         small = attn.small_query_config(4, head_size)
         constexprs.update(SMALL_Q=small.block_q if prefill else 0, SMALL_M=small.block_m,
                           SMALL_N=small.block_n)
         kernel = _compile(attn._paged_attention_kernel, _attention_arg, constexprs,
                           cfg.num_warps, cfg.num_stages)
-        print(f"attention {head_size} {prefill} {num_splits} stack={_stack_bytes(kernel, bin_dir)}",
-              flush=True)
+        print(f"attention {head_size} {prefill} {num_splits} {features} "
+              f"stack={_stack_bytes(kernel, bin_dir)}", flush=True)
     _compile(attn._merge_splits_kernel,
              lambda n: {"out_ptr": "*bf16", "qsl_ptr": "*i32"}.get(
                  n, "*fp32" if n.startswith("part") else "i32"),
@@ -111,9 +113,9 @@ def compiled() -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize(("head_size", "prefill", "num_splits"), ATTENTION_CASES)
-def test_attention_compiles_without_spills(compiled, head_size, prefill, num_splits):
-    line = f"attention {head_size} {prefill} {num_splits} stack="
+@pytest.mark.parametrize(("head_size", "prefill", "num_splits", "features"), ATTENTION_CASES)
+def test_attention_compiles_without_spills(compiled, head_size, prefill, num_splits, features):
+    line = f"attention {head_size} {prefill} {num_splits} {features} stack="
     assert f"{line}0\n" in compiled, f"not compiled, or spills registers:\n{compiled}"
 
 

@@ -30,6 +30,15 @@ Two shapes of launch:
   (acc, max, sum) to scratch; a second kernel merges the slices. `choose_num_splits` picks
   the count from (num_reqs x num_kv_heads vs SM count, max_seq_len).
 
+Sliding window W (WINDOW, a constexpr: the plain kernel is unchanged): query position p sees
+keys p - W + 1 .. p. A tile's key walk starts at the BLOCK_N-aligned tile holding the first
+key its first query sees (so split-K slices cover only the window), and every load there is
+masked below that key: the block-table entries of blocks before it may be stale (freed,
+reused by other requests, NaN for all we know) and are never followed. Keys inside every
+row's window and below every row's position take the unmasked path, as without a window.
+Logits soft-cap c (SOFT_CAP, a constexpr): scores become c * tanh(s / c) before the softmax,
+tanh spelled through exp2 (Triton has no tanh in every version).
+
 CUDA-graph replay: grid sizes depend only on q.shape[0], seq_lens.numel(), num_kv_heads and
 the python ints `max_query_len` / `max_seq_len` / `num_splits`. For a captured graph keep
 q.shape[0], the request count (pad it: padded requests get q_len 1 and seq_len 0),
@@ -101,20 +110,38 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int,
     return max(1, min(by_fill, by_len, MAX_SPLITS))
 
 
+def windowed_len(max_seq_len: int, sliding_window: Optional[int]) -> int:
+    """The most keys one query reads: what the split heuristic should size slices by."""
+    return max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+
+
+@triton.jit
+def _soft_cap(s, cap_in, cap_out):
+    """cap_out * tanh(s * cap_in), tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends
+    (exp2 overflowing to inf gives 1, underflowing to 0 gives -1), no NaN."""
+    e = tl.exp2(s * (cap_in * 2.8853900817779268))  # 2 * log2(e)
+    return (1.0 - 2.0 / (e + 1.0)) * cap_out
+
+
 @triton.jit
 def _attend_keys(
-    acc, m_i, l_i, q, k_base, v_base, bt_row, n_lo, n_hi, q_pos,
-    block_size, stride_c_block, stride_c_slot, qk_scale,
+    acc, m_i, l_i, q, k_base, v_base, bt_row, n_lo, n_hi, q_pos, kv_lo, window,
+    block_size, stride_c_block, stride_c_slot, qk_scale, cap_in,
     HEAD_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     """Fold keys n_lo .. n_hi-1 (n_lo a multiple of BLOCK_N) into the online softmax.
-    MASKED: apply the causal mask and n < n_hi (diagonal / tail tiles); else every key is
-    visible to every row, and n_hi - n_lo is a multiple of BLOCK_N."""
+    MASKED: apply the causal mask and n < n_hi (diagonal / tail tiles), and with WINDOW the
+    window and n >= kv_lo (nothing below kv_lo is loaded); else every key is visible to
+    every row, and n_hi - n_lo is a multiple of BLOCK_N. SOFT_CAP: qk_scale is cap * log2(e)
+    and cap_in scale / cap."""
     offs_d = tl.arange(0, HEAD_SIZE)
     for start in range(n_lo, n_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         if MASKED:
             in_range = n < n_hi
+            if WINDOW:
+                in_range = in_range & (n >= kv_lo)
             blk = tl.load(bt_row + n // block_size, mask=in_range, other=0)
         else:
             blk = tl.load(bt_row + n // block_size)
@@ -128,9 +155,14 @@ def _attend_keys(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale  # [M, N], log2 domain
+        if SOFT_CAP:
+            s = _soft_cap(s, cap_in, qk_scale)  # [M, N], log2 domain
+        else:
+            s = s * qk_scale  # [M, N], log2 domain
         if MASKED:
             visible = (n[None, :] <= q_pos[:, None]) & in_range[None, :]
+            if WINDOW:
+                visible = visible & (q_pos[:, None] - n[None, :] < window)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -156,10 +188,10 @@ def _attend_tile(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
-    block_size, qk_scale,
+    block_size, qk_scale, window, cap_in,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     """Query tokens tile*BLOCK_Q .. of request `req`, times the KV head's query heads."""
     context = seq_len - q_len
@@ -174,18 +206,31 @@ def _attend_tile(
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    # Keys this tile sees: 0 .. its last query position; those below its first query
-    # position are visible to every row (no mask needed).
+    # Keys this tile sees: 0 (kv_lo with a window) .. its last query position; those below
+    # its first query position (and, with a window, inside its last query's window) are
+    # visible to every row (no mask needed).
     kv_end = context + tl.minimum(q_len, (tile + 1) * BLOCK_Q)
     kv_all = tl.maximum(context + tile * BLOCK_Q, 0)
+    if WINDOW:
+        kv_lo = tl.maximum(kv_all - window + 1, 0)  # the first row's first key
+        n_base = (kv_lo // BLOCK_N) * BLOCK_N
+    else:
+        kv_lo = 0
+        n_base = 0
     if SPLIT:
-        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-        n_lo = split * per_split
+        per_split = tl.cdiv(tl.cdiv(kv_end - n_base, num_splits), BLOCK_N) * BLOCK_N
+        n_lo = n_base + split * per_split
         n_hi = tl.minimum(kv_end, n_lo + per_split)
     else:
-        n_lo = 0
+        n_lo = n_base
         n_hi = kv_end
-    n_full = n_lo + (tl.maximum(tl.minimum(n_hi, kv_all) - n_lo, 0) // BLOCK_N) * BLOCK_N
+    if WINDOW:
+        # Below the last row's first key (kv_end - window) some rows need the window mask.
+        win_all = tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N
+        free_lo = tl.minimum(tl.maximum(win_all, n_lo), tl.maximum(n_hi, n_lo))
+    else:
+        free_lo = n_lo
+    n_full = free_lo + (tl.maximum(tl.minimum(n_hi, kv_all) - free_lo, 0) // BLOCK_N) * BLOCK_N
 
     acc = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
@@ -193,12 +238,19 @@ def _attend_tile(
     k_base = cache_ptr + kv_head * stride_c_head
     v_base = k_base + stride_c_kv
     bt_row = bt_ptr + req.to(tl.int64) * stride_bt
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, bt_row, n_lo, n_full, q_pos,
-                                 block_size, stride_c_block, stride_c_slot, qk_scale,
-                                 HEAD_SIZE, BLOCK_N, False, IEEE)
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, bt_row, n_full, n_hi, q_pos,
-                                 block_size, stride_c_block, stride_c_slot, qk_scale,
-                                 HEAD_SIZE, BLOCK_N, True, IEEE)
+    if WINDOW:  # the window's lower edge
+        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, bt_row, n_lo, free_lo,
+                                     q_pos, kv_lo, window, block_size, stride_c_block,
+                                     stride_c_slot, qk_scale, cap_in, HEAD_SIZE, BLOCK_N, True,
+                                     IEEE, WINDOW, SOFT_CAP)
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, bt_row, free_lo, n_full,
+                                 q_pos, kv_lo, window, block_size, stride_c_block,
+                                 stride_c_slot, qk_scale, cap_in, HEAD_SIZE, BLOCK_N, False,
+                                 IEEE, WINDOW, SOFT_CAP)
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, bt_row, n_full, n_hi,
+                                 q_pos, kv_lo, window, block_size, stride_c_block,
+                                 stride_c_slot, qk_scale, cap_in, HEAD_SIZE, BLOCK_N, True,
+                                 IEEE, WINDOW, SOFT_CAP)
 
     if SPLIT:
         pa = (part_acc_ptr + split * stride_pa_s + q_rows[:, None] * stride_pa_t
@@ -221,18 +273,19 @@ def _attend_tile(
 # prompts spent ~6% of its engine-core samples compiling them inside the run); only whether
 # the launch splits at all (SPLIT) changes the code.
 @triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_bt", "stride_pa_s",
-                               "stride_pm_s"])
+                               "stride_pm_s", "window"])
 def _paged_attention_kernel(
     q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
-    num_reqs, num_splits, block_size, qk_scale,
+    num_reqs, num_splits, block_size, qk_scale, window, cap_in,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_TILE_PER_REQ: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
     SMALL_Q: tl.constexpr, SMALL_M: tl.constexpr, SMALL_N: tl.constexpr,
+    WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -266,16 +319,16 @@ def _paged_attention_kernel(
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
                          stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
-                         block_size, qk_scale, GROUP, GROUP_PAD, HEAD_SIZE,
-                         SMALL_Q, SMALL_M, SMALL_N, SPLIT, IEEE)
+                         block_size, qk_scale, window, cap_in, GROUP, GROUP_PAD, HEAD_SIZE,
+                         SMALL_Q, SMALL_M, SMALL_N, SPLIT, IEEE, WINDOW, SOFT_CAP)
             return
     _attend_tile(q_ptr, cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, bt_ptr,
                  req, tile, q_start, q_len, seq_len, kv_head, split, num_splits,
                  stride_qt, stride_qh, stride_ot, stride_oh,
                  stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
                  stride_pa_s, stride_pa_t, stride_pa_h, stride_pm_s, stride_pm_t,
-                 block_size, qk_scale, GROUP, GROUP_PAD, HEAD_SIZE,
-                 BLOCK_Q, BLOCK_M, BLOCK_N, SPLIT, IEEE)
+                 block_size, qk_scale, window, cap_in, GROUP, GROUP_PAD, HEAD_SIZE,
+                 BLOCK_Q, BLOCK_M, BLOCK_N, SPLIT, IEEE, WINDOW, SOFT_CAP)
 
 
 @triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_pa_s", "stride_pm_s"])
@@ -319,8 +372,14 @@ def paged_attention(
     num_sms: int = H100_NUM_SMS,
     decode_tile: Optional[TileConfig] = None,
     prefill_tile: Optional[TileConfig] = None,
+    sliding_window: Optional[int] = None,
+    logits_soft_cap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal paged attention of every request's new tokens over its context; returns `out`.
+
+    `sliding_window` W: a query at position p sees keys p - W + 1 .. p only, and no cache
+    block wholly before the first key a query sees is read. `logits_soft_cap` c: scores s
+    become c * tanh(s / c).
 
     `num_splits` None picks the flash-decoding slice count with `choose_num_splits` (it only
     applies when every request fits one small-query tile, i.e. decode batches).
@@ -340,7 +399,8 @@ def paged_attention(
     if not one_tile:
         num_splits = 1
     elif num_splits is None:
-        num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, num_sms)
+        num_splits = choose_num_splits(num_reqs, num_kv_heads,
+                                       windowed_len(max_seq_len, sliding_window), num_sms)
     if num_splits > MAX_SPLITS:
         raise ValueError(f"paged_attention: num_splits {num_splits} > MAX_SPLITS {MAX_SPLITS}")
     if num_splits > 1:
@@ -353,6 +413,11 @@ def paged_attention(
         part_acc, part_m, part_l = out, out, out
     programs = num_reqs if one_tile else num_tokens // cfg.block_q + num_reqs
     grid = (programs, num_kv_heads, num_splits)
+    log2e = 1.4426950408889634  # exp2 softmax: scores in the log2 domain
+    if logits_soft_cap is None:
+        qk_scale, cap_in = scale * log2e, 0.0
+    else:  # s -> cap * tanh(scale * q.k / cap), then into the log2 domain
+        qk_scale, cap_in = logits_soft_cap * log2e, scale / logits_soft_cap
     _paged_attention_kernel[grid](
         q, kv_cache, out, part_acc, part_m, part_l,
         query_start_loc, seq_lens, block_table,
@@ -361,7 +426,7 @@ def paged_attention(
         block_table.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
         part_m.stride(0), part_m.stride(1),
-        num_reqs, num_splits, block_size, scale * 1.4426950408889634,  # log2(e): exp2 softmax
+        num_reqs, num_splits, block_size, qk_scale, sliding_window or 0, cap_in,
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_SIZE=head_size,
         BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         ONE_TILE_PER_REQ=one_tile, SPLIT=num_splits > 1, IEEE=q.dtype == torch.float32,
@@ -369,6 +434,7 @@ def paged_attention(
         SMALL_Q=0 if one_tile or small.block_q > cfg.block_q else small.block_q,
         SMALL_M=small.block_m,
         SMALL_N=small.block_n,
+        WINDOW=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
