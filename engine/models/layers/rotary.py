@@ -2,8 +2,8 @@
 
 Rule: the cache and the rotation are computed in float32, then cast back to the model dtype
 (the rotation is the `rotary_embedding` op of the current kernel table);
-scaling variants only change the inverse frequencies (longrope: two sets, by position, and
-a scale on cos/sin). Reads both rope spellings of HF configs: transformers 5
+scaling variants only change the inverse frequencies (longrope: per-frequency factors and a
+scale on cos/sin, see `cos_sin_cache`). Reads both rope spellings of HF configs: transformers 5
 `rope_parameters` and the older `rope_theta` + `rope_scaling`, and the per-layer-type
 `rope_parameters` of Gemma 3 ({"sliding_attention": {...}, "full_attention": {...}}).
 """
@@ -79,22 +79,23 @@ def cos_sin_cache(head_dim: int, max_position: int, theta: float,
                   params: dict[str, Any]) -> torch.Tensor:
     """[max_position, head_dim] float32: cos in the first half, sin in the second.
 
-    Longrope keeps, per position, the factors transformers picks for a sequence that long:
-    short ones below `original_max_position_embeddings`, long ones from there on (HF picks
-    per forward by the sequence's length; a key's rotation here depends on its position
-    only, so chunking and the prefix cache cannot change it). Equal to HF for every
-    sequence generated from a prompt within the original context; a longer prompt's first
-    `original` positions differ (HF rotates them with the long factors)."""
+    Longrope (Phi-3) uses one set of factors for every position: the long ones when the
+    context (`max_position`, the config's max_position_embeddings) is longer than
+    `original_max_position_embeddings`, else the short ones, and scales cos/sin (llama.cpp
+    decides the same way, by its context size). transformers picks by the sequence's
+    length and, when a sequence grows past the original context, recomputes its whole cache
+    with the long factors; a paged cache cannot re-rotate cached keys, so this equals HF
+    for sequences longer than the original context (and for every sequence of a model
+    without long-context scaling), and differs from it on shorter ones of a long-context
+    model."""
     positions = torch.arange(max_position, dtype=torch.float32)
-    if params["rope_type"] != "longrope":
-        freqs = torch.outer(positions, inverse_frequencies(head_dim, theta, params))
-        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-    original, scale = longrope_scaling(params, max_position)
-    short = _longrope_inv_freq(head_dim, theta, params["short_factor"])
-    long = _longrope_inv_freq(head_dim, theta, params["long_factor"])
-    inv_freq = torch.where((positions < original)[:, None], short, long)  # [P, D/2]
-    freqs = positions[:, None] * inv_freq
-    return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+    if params["rope_type"] == "longrope":
+        original, scale = longrope_scaling(params, max_position)
+        factors = params["long_factor" if max_position > original else "short_factor"]
+        freqs = torch.outer(positions, _longrope_inv_freq(head_dim, theta, factors))
+        return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+    freqs = torch.outer(positions, inverse_frequencies(head_dim, theta, params))
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
 def inverse_frequencies(head_dim: int, theta: float, params: dict[str, Any]) -> torch.Tensor:
@@ -107,8 +108,6 @@ def inverse_frequencies(head_dim: int, theta: float, params: dict[str, Any]) -> 
         return inv_freq / float(params["factor"])
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, params)
-    if rope_type == "longrope":  # the short factors; `cos_sin_cache` switches by position
-        return _longrope_inv_freq(head_dim, theta, params["short_factor"])
     raise ValueError(
         f"rope type {rope_type!r} is not supported (supported: "
         f"{', '.join(SUPPORTED_ROPE_TYPES)}); the model's config.json sets it."
