@@ -76,7 +76,11 @@ def resolve_model_impl(hf_config: Any, model_impl: str, *, tensor_parallel_size:
     for an architecture we lack whose HF class the fallback can run. ValueError otherwise."""
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"--model-impl {model_impl!r}: choose one of {', '.join(MODEL_IMPLS)}.")
-    from engine.models.transformers_fallback import check_fallback, fallback_problems
+    from engine.models.transformers_fallback import (
+        check_fallback,
+        fallback_problems,
+        hf_causal_lm_class,
+    )
 
     if model_impl == "transformers":
         check_fallback(hf_config, tensor_parallel_size, pipeline_parallel_size)
@@ -85,10 +89,13 @@ def resolve_model_impl(hf_config: Any, model_impl: str, *, tensor_parallel_size:
         return check_architecture(getattr(hf_config, "architectures", None),
                                   getattr(hf_config, "model_type", None)), "native"
     except ValueError as native_error:
+        if any(arch in _REFUSED for arch in getattr(hf_config, "architectures", None) or []):
+            raise  # refused for a reason the fallback does not lift
         problems = fallback_problems(hf_config)
         if model_impl == "native":
-            hint = (" Its transformers class can run through the fallback: pass --model-impl "
-                    "auto or transformers." if not problems else "")
+            hint = "" if problems else (
+                f" Its transformers class {hf_causal_lm_class(hf_config).__name__} can run "
+                "through the fallback: pass --model-impl auto or transformers.")
             raise ValueError(f"{native_error}{hint}") from None
         if problems:
             raise ValueError(f"{native_error} The transformers fallback (--model-impl auto) "

@@ -65,6 +65,9 @@ def fallback_problems(hf_config: Any) -> list[str]:
     if not getattr(cls, "_supports_attention_backend", False):
         problems.append(f"{cls.__name__} does not route its attention through transformers' "
                         "AttentionInterface (_supports_attention_backend is False)")
+    if hf_config.get_text_config() is not hf_config:
+        problems.append(f"{cls.__name__} is a multimodal model (its config holds a "
+                        "text_config); the fallback runs text-only causal LMs")
     if getattr(hf_config, "is_encoder_decoder", False):
         problems.append(f"{cls.__name__} is an encoder-decoder model")
     layer_types = set(getattr(hf_config, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES
@@ -279,5 +282,8 @@ class TransformersForCausalLM(nn.Module):
 
 
 def _architecture_name(hf_config: Any) -> str:
-    archs = getattr(hf_config, "architectures", None)
-    return archs[0] if archs else repr(getattr(hf_config, "model_type", None))
+    try:
+        return hf_causal_lm_class(hf_config).__name__
+    except ValueError:
+        archs = getattr(hf_config, "architectures", None)
+        return archs[0] if archs else repr(getattr(hf_config, "model_type", None))
