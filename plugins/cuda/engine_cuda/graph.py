@@ -22,6 +22,14 @@ for the real tokens only; the core never sees padding.
   graph, records the call, and begins the next graph. The model itself is never touched.
 * All graphs share one memory pool; sizes are captured largest first.
 
+KV-cache groups (Gemma's sliding and global layers): the forward's metadata is then a
+`GroupedAttentionMetadata`, one entry per group, and each layer reads its group's entry. The
+requests are the same in every group, so a decode graph shares token ids, positions,
+query_start_loc and seq_lens among groups, and keeps a block table and slot mapping per
+group; a piecewise replay runs each recorded attention call with its own group's entry. Which
+group a call belongs to is read off the capture itself (the entry of the grouped dummy
+batch the call was handed), so it does not depend on the order of `attention`.
+
 Buffers shared between pieces rely on one property of the models: an attention output is
 read before the next attention call (by the output projection), so one q/k/v/out buffer per
 shape serves every layer.
@@ -45,6 +53,7 @@ from platforms.interface import (
     CommonAttentionMetadata,
     DummyBatchFactory,
     GraphRunner,
+    GroupedAttentionMetadata,
     ModelForward,
 )
 
@@ -106,23 +115,62 @@ def graph_problems(config: PlatformConfig) -> list[str]:
     return problems
 
 
+def first_entry(metadata: Any) -> Any:
+    """The metadata itself, or a grouped one's first entry (groups share the requests)."""
+    if isinstance(metadata, GroupedAttentionMetadata):
+        return next((m for m in metadata if m is not None), None)
+    return metadata
+
+
+def group_entries(metadata: Any) -> list[tuple[int, Any]]:
+    """(group, metadata) of each group present; one group 0 for ungrouped metadata."""
+    if isinstance(metadata, GroupedAttentionMetadata):
+        return [(g, m) for g, m in enumerate(metadata) if m is not None]
+    return [(0, metadata)]
+
+
+def group_of_call(grouped: Optional[GroupedAttentionMetadata], metadata: Any) -> Optional[int]:
+    """Which entry of the grouped batch an attention call was handed (by identity: a layer
+    passes its group's entry on as it is); None when the batch is not grouped."""
+    if grouped is None:
+        return None
+    for g, entry in enumerate(grouped):
+        if entry is metadata:
+            return g
+    raise RuntimeError("an attention call got metadata that is no entry of the step's "
+                       "GroupedAttentionMetadata; the runner cannot tell its KV-cache group.")
+
+
 class StaticDecodeInputs:
     """Device buffers a decode graph reads: token ids, positions and attention metadata for
-    up to `max_batch` one-token requests. `fill` copies a step in and pads it."""
+    up to `max_batch` one-token requests, with a block table and slot mapping per KV-cache
+    group (`block_tables[g]`, `slot_mappings[g]`). `fill` copies a step in and pads it."""
 
     def __init__(self, max_batch: int, max_tokens: int, max_blocks: int,
-                 device: torch.device) -> None:
+                 device: torch.device, num_groups: int = 1) -> None:
         self.max_blocks = max_blocks
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.block_tables = [torch.zeros(max_batch, max_blocks, dtype=torch.int32,
+                                         device=device) for _ in range(num_groups)]
+        self.slot_mappings = [torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+                              for _ in range(num_groups)]
 
-    def common_metadata(self, size: int, max_model_len: int) -> CommonAttentionMetadata:
-        """Metadata of a `size`-request decode batch over views of these buffers: what a
-        graph of that size is captured with (and then replays with, refilled)."""
+    @property
+    def block_table(self) -> torch.Tensor:  # group 0's (the only one of most models)
+        return self.block_tables[0]
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.slot_mappings[0]
+
+    def common_metadata(self, size: int, max_model_len: int,
+                        group: int = 0) -> CommonAttentionMetadata:
+        """Metadata of a `size`-request decode batch over views of these buffers (group
+        `group`'s table and slots): what a graph of that size is captured with (and then
+        replays with, refilled)."""
         qsl_cpu = torch.arange(size + 1, dtype=torch.int32)
         return CommonAttentionMetadata(
             num_reqs=size, num_actual_tokens=size, max_query_len=1,
@@ -131,24 +179,28 @@ class StaticDecodeInputs:
             seq_lens_cpu=torch.ones(size, dtype=torch.int32),
             num_computed_tokens_cpu=torch.zeros(size, dtype=torch.int32),
             query_start_loc=self.query_start_loc[:size + 1],
-            seq_lens=self.seq_lens[:size], block_table=self.block_table[:size],
-            slot_mapping=self.slot_mapping[:size],
+            seq_lens=self.seq_lens[:size], block_table=self.block_tables[group][:size],
+            slot_mapping=self.slot_mappings[group][:size],
         )
 
     def fill(self, size: int, input_ids: torch.Tensor, positions: torch.Tensor,
              metadata: Any) -> None:
-        """Copy a decode step of n <= size requests in; rows n..size-1 become padding
-        requests (seq_len 0: attend to nothing; slot -1: write nothing)."""
+        """Copy a decode step of n <= size requests in (`metadata` a backend's, or a
+        GroupedAttentionMetadata of them); rows n..size-1 become padding requests (seq_len 0:
+        attend to nothing; slot -1: write nothing)."""
         n = input_ids.shape[0]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        self.seq_lens[:n].copy_(metadata.seq_lens)
-        self.slot_mapping[:n].copy_(metadata.slot_mapping[:n])
-        table = metadata.block_table
-        self.block_table[:n, :table.shape[1]].copy_(table)
+        self.seq_lens[:n].copy_(first_entry(metadata).seq_lens)
         if size > n:
             self.seq_lens[n:size].zero_()
-            self.slot_mapping[n:size].fill_(-1)
+        for g, entry in group_entries(metadata):
+            slots = self.slot_mappings[g]
+            slots[:n].copy_(entry.slot_mapping[:n])
+            table = entry.block_table
+            self.block_tables[g][:n, :table.shape[1]].copy_(table)
+            if size > n:
+                slots[n:size].fill_(-1)
 
 
 @dataclass
@@ -163,8 +215,11 @@ class RecordedAttention:
     output: torch.Tensor  # [size, H, D] view of the static buffer the piece after reads
     kv_cache: torch.Tensor
     scale: float
+    group: Optional[int] = None  # the KV-cache group whose entry it reads (None: ungrouped)
 
     def run(self, num_tokens: int, metadata: Any) -> None:
+        if self.group is not None:
+            metadata = metadata[self.group]
         out = self.backend.run(self.query[:num_tokens], self.key[:num_tokens],
                                self.value[:num_tokens], self.kv_cache, metadata, self.scale)
         self.output[:num_tokens].copy_(out)
@@ -232,7 +287,8 @@ class _Splitter:
                 pass  # the capture was already invalidated; the original error matters
 
     def split(self, backend: TritonAttentionBackend, query: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+              value: torch.Tensor, kv_cache: torch.Tensor, scale: float,
+              group: Optional[int] = None) -> torch.Tensor:
         """Called by the attention layer mid-capture: hand q/k/v over through static
         buffers, close this piece, record the call, open the next piece."""
         static = [self.buffers.view(role, t) for role, t in (("q", query), ("k", key),
@@ -240,7 +296,7 @@ class _Splitter:
         for buf, tensor in zip(static, (query, key, value)):
             buf.copy_(tensor)  # captured in the piece that produced them
         out = self.buffers.view("out", query)
-        self.end(RecordedAttention(backend, *static, out, kv_cache, scale))
+        self.end(RecordedAttention(backend, *static, out, kv_cache, scale, group))
         self.begin()
         return out
 
@@ -265,15 +321,20 @@ class CudaGraphRunner(GraphRunner):
         self._attn_buffers = AttentionBuffers(self.mixed_sizes[-1])
         self._reserving = False
         self._pool: Any = None
+        # While capturing a grouped model: the dummy batch of the forward in flight, and the
+        # backend each group's calls went through (learned from the capture itself).
+        self._grouped: Optional[GroupedAttentionMetadata] = None
+        self._group_backends: dict[int, TritonAttentionBackend] = {}
 
     # ---- capture ----
     def capture(self, make_batch: DummyBatchFactory) -> None:
         t0 = time.perf_counter()
-        ids, _, _ = make_batch(1)
+        ids, positions, dummy = make_batch(1)
         device = ids.device
         max_tokens = max(self.decode_sizes[-1], self.mixed_sizes[-1])
+        num_groups = len(dummy) if isinstance(dummy, GroupedAttentionMetadata) else 1
         self._static = StaticDecodeInputs(self.decode_sizes[-1], max_tokens, self.max_blocks,
-                                          device)
+                                          device, num_groups)
         backends = self._hookable_backends()
         if not backends:
             logger.warning("CUDA graphs: the forward's attention does not go through this "
@@ -288,9 +349,10 @@ class CudaGraphRunner(GraphRunner):
             backend.capture_hook = self._on_attention
         try:
             with torch.cuda.stream(stream):
-                for size in reversed(self.mixed_sizes):
+                capturable = num_groups == 1 or self._learn_groups(ids, positions, dummy)
+                for size in reversed(self.mixed_sizes if capturable else ()):
                     self._pieces[size] = self._capture_pieces(size, make_batch)
-                for size in reversed(self.decode_sizes):
+                for size in reversed(self.decode_sizes if capturable else ()):
                     self._decode_graphs[size] = self._capture_decode(size, make_batch)
         finally:
             for backend in backends:
@@ -306,6 +368,24 @@ class CudaGraphRunner(GraphRunner):
             _span(self.piecewise_sizes), num_pieces,
         )
 
+    def _learn_groups(self, ids: torch.Tensor, positions: torch.Tensor,
+                      dummy: GroupedAttentionMetadata) -> bool:
+        """One eager forward of a grouped dummy batch, noting which backend serves each
+        group (its decode graphs build their static metadata with it). False, with a
+        warning, when some group's attention does not go through this platform's backends."""
+        self._grouped = dummy
+        try:
+            self.forward(ids, positions, dummy)
+        finally:
+            self._grouped = None
+        missing = [g for g, _ in group_entries(dummy) if g not in self._group_backends]
+        if missing:
+            logger.warning("CUDA graphs: the attention of KV-cache groups %s does not go "
+                           "through this platform's backends, so nothing is captured; every "
+                           "batch runs eagerly.", missing)
+            return False
+        return True
+
     def _hookable_backends(self) -> list[TritonAttentionBackend]:
         """The attention backends handed over that this runner can cut a capture at (this
         platform's: they have a `capture_hook`)."""
@@ -316,8 +396,11 @@ class CudaGraphRunner(GraphRunner):
                       metadata: Any, scale: float) -> torch.Tensor:
         """Every attention call while capturing: cut the piecewise capture open there, or
         (in the eager warm-up before it) size the static buffers, then attend."""
+        group = group_of_call(self._grouped, metadata)
+        if group is not None:
+            self._group_backends.setdefault(group, backend)
         if self._splitter is not None:
-            return self._splitter.split(backend, query, key, value, kv_cache, scale)
+            return self._splitter.split(backend, query, key, value, kv_cache, scale, group)
         if self._reserving:
             self._attn_buffers.reserve(query, key, value)
         return backend.run(query, key, value, kv_cache, metadata, scale)
@@ -336,8 +419,7 @@ class CudaGraphRunner(GraphRunner):
         assert static is not None
         ids, positions, dummy = make_batch(size)
         static.fill(size, ids, positions, dummy)
-        common = static.common_metadata(size, self.max_model_len)
-        metadata = self._hookable_backends()[0].build_metadata(common)
+        metadata = self._static_metadata(size, dummy)
         ids, positions = static.input_ids[:size], static.positions[:size]
         # Eager once first: Triton compiles and cuBLAS picks its kernels outside the capture.
         self._output_rows(self.forward(ids, positions, metadata), size)
@@ -348,6 +430,19 @@ class CudaGraphRunner(GraphRunner):
             self._output_rows(out, size).copy_(out)
         return graph
 
+    def _static_metadata(self, size: int, dummy: Any) -> Any:
+        """What a decode graph of `size` is captured with: each group's backend metadata
+        over the static buffers, grouped as the dummy batch is."""
+        static = self._static
+        assert static is not None
+        if not isinstance(dummy, GroupedAttentionMetadata):
+            common = static.common_metadata(size, self.max_model_len)
+            return self._hookable_backends()[0].build_metadata(common)
+        return GroupedAttentionMetadata(
+            None if entry is None else self._group_backends[g].build_metadata(
+                static.common_metadata(size, self.max_model_len, g))
+            for g, entry in enumerate(dummy))
+
     def _capture_pieces(self, size: int, make_batch: DummyBatchFactory) -> list[Piece]:
         static = self._static
         assert static is not None
@@ -355,6 +450,8 @@ class CudaGraphRunner(GraphRunner):
         ids, positions = static.input_ids[:size], static.positions[:size]
         ids.copy_(ids_dummy)
         positions.copy_(positions_dummy)
+        # Each attention call is recorded with the group whose entry it was handed.
+        self._grouped = metadata if isinstance(metadata, GroupedAttentionMetadata) else None
         self._reserving = True  # eager warm-up; it also sizes the static attention buffers
         try:
             self._output_rows(self.forward(ids, positions, metadata), size)
@@ -373,16 +470,18 @@ class CudaGraphRunner(GraphRunner):
             raise
         finally:
             self._splitter = None
+            self._grouped = None
         return splitter.pieces
 
     # ---- replay ----
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  attn_metadata: Any) -> torch.Tensor:
         num_tokens = input_ids.shape[0]
-        max_query_len = getattr(attn_metadata, "max_query_len", None)
+        max_query_len = getattr(first_entry(attn_metadata), "max_query_len", None)
         if max_query_len == 1 and self._decode_graphs:
             size = padded_size(self.captured_sizes, num_tokens)
-            if size is not None and attn_metadata.block_table.shape[1] <= self.max_blocks:
+            if size is not None and all(m.block_table.shape[1] <= self.max_blocks
+                                        for _, m in group_entries(attn_metadata)):
                 return self._replay_decode(size, input_ids, positions, attn_metadata)
         if self._pieces:
             size = padded_size(self.piecewise_sizes, num_tokens)

@@ -15,6 +15,7 @@ import torch
 
 from platforms.device_module import DeviceModulePlatform
 from platforms.interface import (
+    ATTENTION_FEATURES,
     AttentionBackend,
     AttentionSpec,
     Capabilities,
@@ -66,8 +67,9 @@ class CudaPlatform(DeviceModulePlatform):
         # 55% vs 62% was Triton compiling in the first run, not this setting); 512 lets more
         # decodes ride along with prefill chunks where outputs are longer.
         default_max_num_seqs=512,
-        # The Triton kernel's window and soft-cap switches (ops/attention.py).
-        attention_features=frozenset({"sliding_window", "logits_soft_cap"}),
+        # The Triton kernel's window and soft-cap switches (ops/attention.py); the graph
+        # runner keeps static metadata per KV-cache group (graph.py).
+        attention_features=frozenset(ATTENTION_FEATURES),
         notes={"kernels": ", ".join(sorted(TRITON_KERNELS)) + " (triton); attention: triton "
                           "paged"},
     )

@@ -279,3 +279,39 @@ def test_soft_cap_saturates_without_nan():
     got = _run(b, torch.float32, logits_soft_cap=2.0)
     assert torch.isfinite(got[:4]).all()
     _assert_close(got, b, torch.float32, None, 2.0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the real kernels need a GPU")
+@pytest.mark.parametrize("window", [4096, 256])
+def test_gpu_gemma2_shapes_window_and_soft_cap(window):
+    """Gemma 2 9B's attention (16 query heads, 8 KV heads, head size 256, soft-cap 50) in
+    bfloat16 on the card, contexts past the window, NaN in the blocks before each window;
+    split-K and mixed launches. Prints windowed vs full decode time (pytest -s)."""
+    requests = [(4600, 1), (4100, 1), (0, 300), (4200, 130), (10, 1), (window - 1, 1)]
+    b = _batch(requests, 16, 8, 256, 16, torch.bfloat16, seed=12)
+    poison_stale_blocks(b, window)
+    for num_splits in (None, 4):
+        got = _run(b, torch.bfloat16, sliding_window=window, logits_soft_cap=50.0,
+                   num_splits=num_splits)
+        _assert_close(got, b, torch.bfloat16, window, 50.0)
+    decodes = _batch([(16000, 1)] * 4, 16, 8, 256, 16, torch.bfloat16, seed=13)
+    q = decodes["q"].to(DEVICE, torch.bfloat16)
+    cache = decodes["cache"].to(DEVICE, torch.bfloat16)
+    args = (decodes["qsl"].to(DEVICE), decodes["seq_lens"].to(DEVICE),
+            decodes["table"].to(DEVICE), 256 ** -0.5, 1, 16001)
+    times = {}
+    for name, extra in (("full", {}), ("windowed", dict(sliding_window=window,
+                                                        logits_soft_cap=50.0))):
+        out = torch.empty_like(q)
+        for _ in range(3):
+            paged_attention(q, cache, out, *args, **extra)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            paged_attention(q, cache, out, *args, **extra)
+        end.record()
+        torch.cuda.synchronize()
+        times[name] = start.elapsed_time(end) / 20
+    print(f"4 decodes x 16k context, window {window}: full {times['full']:.3f} ms, "
+          f"windowed + soft-cap {times['windowed']:.3f} ms")
+    assert times["windowed"] < times["full"]
