@@ -110,34 +110,46 @@ def paged_attention_forward(
 ) -> tuple[torch.Tensor, None]:  # [1, T, num_heads, head_dim], no attention weights
     """transformers' attention-function signature over one of our `Attention` layers (the
     one `TransformersForCausalLM` attached to `module` as `paged_attn`)."""
+    num_tokens = query.shape[2]
+    if isinstance(attn_metadata, _Probe):
+        attn_metadata.record(module, query, key, scaling, sliding_window, softcap)
+        return query.new_zeros(1, num_tokens, query.shape[1], query.shape[-1]), None
     layer: Optional[Attention] = getattr(module, "paged_attn", None)
     if layer is None or attn_metadata is None:
-        raise RuntimeError(
-            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', None)}) called the "
-            f"{ATTN_IMPLEMENTATION!r} attention without its engine layer or step metadata; "
-            "this HF class does not pass the forward's keyword arguments down to attention."
-        )
-    _check_agrees(layer, query, key, scaling, sliding_window, softcap)
-    num_tokens = query.shape[2]
+        raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', None)})"
+                           f" called the {ATTN_IMPLEMENTATION!r} attention without its engine "
+                           "layer or the step's metadata.")
     q, k, v = (x[0].transpose(0, 1).reshape(num_tokens, -1) for x in (query, key, value))
     out = layer(q, k, v, attn_metadata)  # [T, num_heads * head_dim]
     return out.view(1, num_tokens, layer.num_heads, layer.head_dim), None
 
 
-def _check_agrees(layer: Attention, query: torch.Tensor, key: torch.Tensor,
-                  scaling: Optional[float], sliding_window: Optional[int],
-                  softcap: Optional[float]) -> None:
-    """What HF passes at run time must be what the layer declared when built (its KV-cache
-    group and the backend bound to it depend on it)."""
-    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    got = (query.shape[1], key.shape[1], query.shape[-1], scale, sliding_window, softcap)
-    want = (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale,
-            layer.sliding_window, layer.logits_soft_cap)
-    if got[:3] != want[:3] or abs(scale - layer.scale) > 1e-6 * layer.scale or got[4:] != want[4:]:
-        raise RuntimeError(
-            f"Layer {layer.layer_idx}: HF attention passed (heads, kv heads, head_dim, scale, "
-            f"sliding_window, softcap) = {got}, the engine layer was declared with {want}."
-        )
+class _Probe:
+    """Passed as `attn_metadata` through one tiny forward at build time: each attention call
+    records what HF gives it (heads, head_dim, scale, window, soft-cap), so the engine layers
+    are declared with HF's own run-time values (OPT scales q itself and passes 1.0; GPT-2
+    divides by the layer index), and a class that does not pass the forward's keyword
+    arguments down to attention is found before any request (its calls carry no probe)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, tuple[nn.Module, tuple[Any, ...]]] = {}
+        self.problems: list[str] = []
+
+    def record(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+               scaling: Optional[float], sliding_window: Optional[int],
+               softcap: Optional[float]) -> None:
+        layer_idx = getattr(module, "layer_idx", None)
+        name = type(module).__name__
+        if layer_idx is None or layer_idx in self.calls:
+            self.problems.append(f"{name} calls attention with layer_idx {layer_idx}, which "
+                                 "does not name one decoder layer")
+        elif getattr(module, "is_causal", True) is False:
+            self.problems.append(f"{name} (layer {layer_idx}) is not causal attention")
+        else:
+            head_dim = query.shape[-1]
+            scale = head_dim**-0.5 if scaling is None else float(scaling)
+            self.calls[layer_idx] = (module, (query.shape[1], key.shape[1], head_dim, scale,
+                                              sliding_window, softcap))
 
 
 def _register_attention() -> None:
@@ -163,7 +175,9 @@ class _GivenHidden(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._base[0], name)
+            value = getattr(self._base[0], name)
+            # A forward that calls into the base (OPT: self.model.decoder) meets a stand-in.
+            return _GivenHidden(value) if isinstance(value, nn.Module) else value
 
 
 class _HiddenOutput:
@@ -199,41 +213,64 @@ class TransformersForCausalLM(nn.Module):
         # Built where the loader says (its device context) in its dtype (the default dtype).
         self.hf = hf_causal_lm_class(config)._from_config(
             hf_config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.get_default_dtype())
+        self.hf.eval()  # no dropout, in the probes below as in every step
         self._attach_attention_layers(config)
         base = self.hf.base_model
         head = copy.copy(self.hf)  # the same modules, with the base model stood in for
         head._modules = dict(self.hf._modules)
         head._modules[self.hf.base_model_prefix] = _GivenHidden(base)
         object.__setattr__(self, "_head", head)  # outside the module tree: no second copy
+        self._check_head()
 
     def _attach_attention_layers(self, config: Any) -> None:
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        """One engine `Attention` per decoder layer, on the HF module that calls attention
+        for it, declared with what a probe forward saw HF pass (see `_Probe`)."""
+        probe = _Probe()
+        with torch.no_grad():
+            self._hf_probe_logits = self.hf(**self._probe_inputs(), attn_metadata=probe).logits[0]
         windows = layer_sliding_windows(config)
-        softcap = getattr(config, "attn_logit_softcapping", None)
-        found: dict[int, nn.Module] = {}
-        for name, module in list(self.hf.named_modules()):
-            layer_idx = getattr(module, "layer_idx", None)
-            if not type(module).__name__.endswith("Attention") or layer_idx is None:
-                continue
-            if getattr(module, "is_causal", True) is False:
-                raise ValueError(f"{type(self.hf).__name__}: {name} is not causal attention; "
-                                 "the transformers fallback runs decoder-only models.")
-            if layer_idx in found:
-                raise ValueError(f"{type(self.hf).__name__}: two attention modules claim "
-                                 f"layer {layer_idx} ({name}); the fallback cannot run it.")
-            scale = getattr(module, "scaling", None) or head_dim**-0.5
-            module.paged_attn = Attention(num_heads, num_kv_heads, head_dim, float(scale),
-                                          layer_idx=layer_idx, sliding_window=windows[layer_idx],
+        for layer_idx, (_, seen) in sorted(probe.calls.items()):
+            if layer_idx >= len(windows) or seen[4] != windows[layer_idx]:
+                probe.problems.append(
+                    f"layer {layer_idx} attends with sliding_window {seen[4]}, its config says "
+                    f"{windows[layer_idx] if layer_idx < len(windows) else 'no such layer'}")
+        if sorted(probe.calls) != list(range(config.num_hidden_layers)):
+            probe.problems.append(
+                f"attention reached the engine for layers {sorted(probe.calls)} of "
+                f"{config.num_hidden_layers} (does the class pass the forward's keyword "
+                "arguments down to attention?)")
+        if probe.problems:
+            raise ValueError(f"The transformers fallback cannot run {type(self.hf).__name__}:"
+                             "\n  " + "\n  ".join(probe.problems)
+                             + "\nRun an architecture with a native class instead "
+                             "(--model-impl native lists them).")
+        for layer_idx, (module, seen) in probe.calls.items():
+            num_heads, num_kv_heads, head_dim, scale, window, softcap = seen
+            module.paged_attn = Attention(num_heads, num_kv_heads, head_dim, scale,
+                                          layer_idx=layer_idx, sliding_window=window,
                                           logits_soft_cap=softcap)
-            found[layer_idx] = module
-        if sorted(found) != list(range(config.num_hidden_layers)):
+
+    def _probe_inputs(self) -> dict[str, Any]:
+        device = next(self.hf.parameters()).device
+        ids = torch.tensor([[0, 1, 2]], device=device)
+        return dict(input_ids=ids, position_ids=torch.arange(3, device=device)[None],
+                    use_cache=False)
+
+    def _check_head(self) -> None:
+        """The HF class's forward run whole (in the probe) and split as the runner runs it
+        (base model, then `compute_logits`) must give the same logits; a class whose forward
+        does more between the two than its head code is refused rather than run wrong."""
+        with torch.no_grad():
+            hidden = self.hf.base_model(**self._probe_inputs(), attn_metadata=_Probe())
+            split = self.compute_logits(hidden.last_hidden_state[0])
+        whole = self._hf_probe_logits.float()
+        del self._hf_probe_logits
+        if split.shape != whole.shape or not torch.allclose(split, whole, rtol=1e-3, atol=1e-4):
             raise ValueError(
-                f"{type(self.hf).__name__}: found attention modules for layers "
-                f"{sorted(found)}, expected one for each of {config.num_hidden_layers}; the "
-                "transformers fallback cannot run it (--model-impl native)."
-            )
+                f"The transformers fallback cannot run {type(self.hf).__name__}: its forward "
+                "computes logits from the base model's output in a way the fallback does not "
+                "reproduce. Run an architecture with a native class instead "
+                "(--model-impl native lists them).")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any
                 ) -> torch.Tensor:

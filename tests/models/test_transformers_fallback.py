@@ -1,6 +1,6 @@
 """The transformers fallback (--model-impl): HF classes we have no native class for (GPT-2
 with learned absolute positions and per-layer attention scales, Granite with its attention,
-residual, embedding and logit multipliers) give HF transformers' logits and greedy tokens on
+residual, embedding and logit multipliers, OPT which scales q itself) give HF transformers' logits and greedy tokens on
 random weights, over our paged cache in chunks, batched through `LLM` and through a real
 `engine serve`; `--model-impl transformers` on Llama gives the native tokens; what the
 fallback cannot run is refused by name."""
@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 import torch
-from transformers import BloomConfig, GPT2Config, GraniteConfig, LlamaConfig
+from transformers import BloomConfig, GPT2Config, GraniteConfig, LlamaConfig, OPTConfig
 
 from engine import LLM, SamplingParams
 from engine.benchmarks.dummy_tokenizer import save_word_level_tokenizer
@@ -43,6 +43,10 @@ CASES = {
                                      attention_multiplier=0.2, embedding_multiplier=3.0,
                                      residual_multiplier=0.6, logits_scaling=2.5,
                                      tie_word_embeddings=False, **SMALL),
+    # scales q in its projection and passes scaling=1.0; its forward calls model.decoder
+    "opt": lambda: OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128,
+                             num_attention_heads=4, word_embed_proj_dim=64, pad_token_id=1,
+                             **SMALL),
 }
 PROMPT_LENS = (37, 21, 5, 50)
 MAX_TOKENS = 8
