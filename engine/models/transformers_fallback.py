@@ -10,10 +10,14 @@ model runner finds and binds them like a native model's) and returns what HF exp
 step's metadata reaches the function as a forward keyword argument (transformers passes
 `**kwargs` down to attention), never through a global. HF keeps no cache (`use_cache=False`)
 and builds no mask: an implementation outside its mask table gets none, and our backend
-masks by the block tables.
+masks by the block tables. Logits come from the HF class's own forward over the hidden
+states (its base model stood in for), so its head post-processing (soft-caps, logit scales)
+is HF's code, not a copy. At load, a 3-token probe forward declares each layer's attention
+from what HF passes it and checks that the split forward gives the class's own logits.
 
 What is refused, with the flag to change: a class that does not route attention through the
-interface (`_supports_attention_backend`), encoder-decoder and non-causal models, models
+interface (`_supports_attention_backend`), or fails the probe, encoder-decoder, multimodal
+and non-causal models, models
 with layers that are not attention (hybrid recurrent state would need a cache of its own),
 and tensor or pipeline parallelism (transformers' `base_model_tp_plan` is not applied here).
 """
