@@ -19,9 +19,12 @@ LAYERS: list[set[str]] = [
     {"messages"},  # what the layers exchange: a leaf
     {"reasoning", "tool_parsers"},  # text-only parsers of model output formats: leaves
     {"config"},  # the resolved, frozen configuration
+    # Block bookkeeping (torch-free, imports nothing of the engine): below the models,
+    # which plan their KV-cache groups with it.
+    {"kv_cache"},
     {"distributed"},
     {"models"},
-    {"engine_args", "worker", "kv_cache"},
+    {"engine_args", "worker"},
     {"tokenizer"},
     {"structured_outputs"},  # grammars: over the tokenizer, checked by inputs, run by the core
     {"scheduler", "executor", "outputs", "inputs"},

@@ -27,7 +27,8 @@ class NewRequestData:
     # Tokens already sampled before a preemption; empty for a fresh request.
     output_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
+    # Per KV-cache group, the request's block table (one list for most models).
+    block_ids: tuple[list[int], ...]
     num_computed_tokens: int  # prefix-cache hits (and nothing else) for a new request
     eos_token_id: Optional[int] = None  # the sampler masks it below min_tokens
 
@@ -35,7 +36,7 @@ class NewRequestData:
 @dataclass(frozen=True)
 class CachedRequestData:
     req_id: str
-    new_block_ids: list[int]
+    new_block_ids: tuple[list[int], ...]  # per KV-cache group, appended to its table
     # Position this step starts at (KV before it is in the cache), as the scheduler records
     # it; a step after rejected tokens starts earlier than the last one ended.
     num_computed_tokens: int

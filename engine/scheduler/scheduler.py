@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -62,7 +62,8 @@ class _Step:
     max_reqs: int  # requests this step may take
     num_scheduled: dict[str, int] = field(default_factory=dict)
     new_reqs: list[NewRequestData] = field(default_factory=list)
-    new_block_ids: dict[str, list[int]] = field(default_factory=dict)  # running requests
+    # Running requests: per KV-cache group, the ids of the blocks allocated this step.
+    new_block_ids: dict[str, tuple[list[int], ...]] = field(default_factory=dict)
     preempted: set[str] = field(default_factory=set)
 
 
@@ -71,7 +72,7 @@ class Scheduler:
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
         constraints: Optional[StaticBatching] = None, num_micro_batches: int = 1,
         async_scheduling: bool = False, bitmask: Optional[Callable[[list], tuple]] = None,
-        defer_bitmask: bool = False,
+        defer_bitmask: bool = False, kv_cache_windows: Sequence[Optional[int]] = (None,),
     ) -> None:
         if async_scheduling and (num_micro_batches > 1 or constraints is not None):
             raise ValueError("Async scheduling works with one micro-batch and no static "
@@ -92,8 +93,10 @@ class Scheduler:
         # The platform's shape limits (None: any step the budget allows).
         self.constraints = constraints
         self.block_size = cache_config.block_size
+        # One block table per KV-cache group (their windows: None for full attention).
         self.kv_cache = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+            kv_cache_windows,
         )
         self.waiting = create_waiting_queue(config.policy)
         self.running: list[Request] = []
@@ -118,7 +121,9 @@ class Scheduler:
                 f"Prompt of request {request.request_id!r} has {request.num_tokens} tokens, "
                 f"more than max_model_len={limit}; shorten it or raise --max-model-len."
             )
-        num_blocks_needed = cdiv(request.num_tokens, self.block_size)
+        num_blocks_needed = self.kv_cache.max_blocks_needed(
+            request.num_tokens, self.config.max_num_batched_tokens
+            if self.config.enable_chunked_prefill else None)
         if num_blocks_needed > self.kv_cache.num_blocks:
             raise ValueError(
                 f"Prompt of request {request.request_id!r} needs {num_blocks_needed} KV-cache "
@@ -293,14 +298,15 @@ class Scheduler:
             step.num_scheduled[request.request_id] = num_new
             self.waiting.on_scheduled(request, num_new)
             step.budget -= num_new
-            step.new_block_ids[request.request_id] = [b.block_id for b in new_blocks]
+            step.new_block_ids[request.request_id] = tuple(
+                [b.block_id for b in blocks] for blocks in new_blocks)
             # Preempting an earlier (already scheduled) victim shifts the list.
             i = self.running.index(request) + 1
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, step: _Step
-    ) -> Optional[list[KVCacheBlock]]:
-        """New blocks for `request`, preempting the policy's victims until they fit; None if
+    ) -> Optional[tuple[list[KVCacheBlock], ...]]:
+        """New blocks for `request` (per KV-cache group), preempting the policy's victims until they fit; None if
         the victim had to be `request` itself, or no request out of flight is left to
         preempt."""
         while True:
@@ -381,7 +387,8 @@ class Scheduler:
         return limit if max_tokens is None else min(max_tokens, limit)
 
     def _static_blocks_needed(self, request: Request) -> int:
-        return cdiv(request.num_prompt_tokens + self._max_new_tokens(request), self.block_size)
+        return self.kv_cache.max_blocks_needed(request.num_prompt_tokens
+                                               + self._max_new_tokens(request))
 
     def _check_static_fit(self, request: Request) -> None:
         assert self.constraints is not None

@@ -36,7 +36,7 @@ def counting_next_token(seen: list[int]) -> int:
 @dataclass
 class _ReqState:
     tokens: list[int]  # prompt + every token sampled (the fake's "device" holds them all)
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]  # per KV-cache group
     num_computed: int
     sent: list[int]  # prompt + the outputs the scheduler has sent so far
 
@@ -46,11 +46,25 @@ class FakeRunner:
     num_blocks: int
     block_size: int
     next_token: Callable[[list[int]], int] = mixing_next_token
+    # Per KV-cache group its sliding window (None: full): a group reads only the positions
+    # its window reaches, the way attention does.
+    windows: tuple = (None,)
     reqs: dict[str, _ReqState] = field(default_factory=dict)
-    kv: dict[int, int] = field(default_factory=dict)  # slot -> token id written there
+    # (group, slot) -> token id written there; one cache tensor per group.
+    kv: dict[tuple[int, int], int] = field(default_factory=dict)
 
-    def _slot(self, state: _ReqState, pos: int) -> int:
-        return state.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slot(self, state: _ReqState, pos: int, group: int = 0) -> tuple[int, int]:
+        block = state.block_ids[group][pos // self.block_size]
+        return group, block * self.block_size + pos % self.block_size
+
+    def _check_windows(self, state: _ReqState, first_query: int, end: int) -> None:
+        """Every key the step's queries (positions first_query .. end - 1) attend, through
+        every group's blocks, holds the sequence's token (none overwritten by another
+        request after a block was given back too early)."""
+        for g, window in enumerate(self.windows):
+            start = 0 if window is None else max(0, first_query - window + 1)
+            got = [self.kv[self._slot(state, pos, g)] for pos in range(start, end)]
+            assert got == state.tokens[start:end], f"group {g} lost KV of {state.tokens}"
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_req_ids | out.preempted_req_ids:
@@ -58,12 +72,13 @@ class FakeRunner:
         for new in out.scheduled_new_reqs:
             assert new.req_id not in self.reqs, "new request data sent twice"
             tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
-            self.reqs[new.req_id] = _ReqState(tokens, list(new.block_ids),
+            self.reqs[new.req_id] = _ReqState(tokens, tuple(list(t) for t in new.block_ids),
                                               new.num_computed_tokens, list(tokens))
         for cached in out.scheduled_cached_reqs:
             state = self.reqs[cached.req_id]
             assert state.num_computed == cached.num_computed_tokens
-            state.block_ids.extend(cached.new_block_ids)
+            for table, ids in zip(state.block_ids, cached.new_block_ids):
+                table.extend(ids)
             # The scheduler sends each sampled token once, in order, as sampled.
             state.sent.extend(cached.new_token_ids)
             assert state.sent == state.tokens[:len(state.sent)], (state.sent, state.tokens)
@@ -75,13 +90,16 @@ class FakeRunner:
             assert end <= len(state.tokens)
             # Every input token was sent, but for one placeholder (async: still on the device).
             assert end <= len(state.sent) + 1, (req_id, end, len(state.sent))
-            assert len(state.block_ids) * self.block_size >= end, "too few blocks"
-            for pos in range(state.num_computed, end):
-                self.kv[self._slot(state, pos)] = state.tokens[pos]
+            for g, table in enumerate(state.block_ids):
+                assert len(table) * self.block_size >= end, "too few blocks"
+                for pos in range(state.num_computed, end):
+                    self.kv[self._slot(state, pos, g)] = state.tokens[pos]
+            self._check_windows(state, state.num_computed, end)
             state.num_computed = end
             new_tokens = []
             if end == len(state.tokens):
-                seen = [self.kv[self._slot(state, pos)] for pos in range(end)]
+                seen = state.tokens[:end] if self.windows[0] is not None else [
+                    self.kv[self._slot(state, pos)] for pos in range(end)]
                 new_tokens = [self.next_token(seen)]
                 state.tokens.extend(new_tokens)
             req_ids.append(req_id)
@@ -98,12 +116,13 @@ def make_scheduler(
     enable_chunked_prefill: bool = True,
     enable_prefix_caching: bool = True,
     policy: str = "fcfs",
+    kv_cache_windows: tuple = (None,),
 ) -> Scheduler:
     config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len,
                              enable_chunked_prefill, policy)
     cache = CacheConfig(block_size, enable_prefix_caching, kv_cache_memory=None,
                         num_kv_blocks=None, gpu_memory_utilization=0.9)
-    return Scheduler(config, cache, num_blocks)
+    return Scheduler(config, cache, num_blocks, kv_cache_windows=kv_cache_windows)
 
 
 def make_request(req_id: str, prompt: list[int], arrival: float = 0.0, priority: int = 0,
