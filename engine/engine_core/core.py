@@ -19,6 +19,8 @@ from engine.config import EngineConfig
 from engine.engine_core.batch_queue import BatchQueue, worth_dispatching
 from engine.executor import make_executor
 from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
+from engine.kv_cache.groups import KVCacheLayout
+from engine.models.layers.attention import kv_cache_layout
 from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler
@@ -46,15 +48,23 @@ def resolve_for_platform(config: EngineConfig, platform) -> EngineConfig:
     return config
 
 
-def kv_cache_summary(config: EngineConfig, num_blocks: int) -> str:
+def kv_cache_summary(config: EngineConfig, num_blocks: int,
+                     layout: Optional[KVCacheLayout] = None) -> str:
     """"KV cache: 12345 blocks (20.1 GiB); 24.1x concurrency at max_model_len 8192": GiB of
-    keys and values over all workers, concurrency = cached tokens / max_model_len."""
+    keys and values over all workers; concurrency = how many requests of max_model_len
+    tokens the blocks hold at once (a window group holds only its window's blocks).
+    `layout`: the model's KV-cache groups (None: one group of every layer)."""
     model, block_size = config.model, config.cache.block_size
+    num_slots = model.num_layers if layout is None else layout.num_slots
+    windows = (None,) if layout is None else layout.windows
     itemsize = torch.empty((), dtype=model.dtype).element_size()
-    block_bytes = 2 * block_size * model.num_layers * model.num_kv_heads * model.head_dim * itemsize
+    block_bytes = 2 * block_size * num_slots * model.num_kv_heads * model.head_dim * itemsize
     max_model_len = config.scheduler.max_model_len
+    full = -(-max_model_len // block_size)
+    per_request = sum(full if w is None else min(full, -(-(w - 1) // block_size) + 1)
+                      for w in windows)
     return (f"KV cache: {num_blocks} blocks ({num_blocks * block_bytes / 2**30:.1f} GiB); "
-            f"{num_blocks * block_size / max_model_len:.1f}x concurrency at max_model_len "
+            f"{num_blocks / per_request:.1f}x concurrency at max_model_len "
             f"{max_model_len}")
 
 
@@ -112,14 +122,15 @@ class EngineCore:
                                    num_micro_batches=depth,
                                    async_scheduling=self.async_scheduling,
                                    bitmask=self.structured.bitmask,
-                                   defer_bitmask=self.executor.supports_deferred_bitmask)
+                                   defer_bitmask=self.executor.supports_deferred_bitmask,
+                                   kv_cache_windows=kv_cache_layout(config.model).windows)
         if self.async_scheduling:
             depth = 2  # step N+1 is scheduled and launched while step N runs
         # Batches in flight, scheduled ahead (None: one at a time).
         self.batch_queue = BatchQueue(depth) if depth > 1 else None
         self.startup_timings = timings
         self._profiling = False
-        logger.info("%s", kv_cache_summary(config, num_blocks))
+        logger.info("%s", kv_cache_summary(config, num_blocks, kv_cache_layout(config.model)))
         logger.info("async scheduling: %s", "on (step N+1 is scheduled while step N runs)"
                     if self.async_scheduling else "off")
 

@@ -11,6 +11,7 @@ device once per step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,7 +32,7 @@ class CachedRequestState:
     output_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_id: Optional[int]
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]  # per KV-cache group
     num_computed_tokens: int
     # Prompt logprobs gathered so far are sent as they are computed; nothing kept here.
     token_ids_np: np.ndarray = field(init=False)  # prompt + output, grows on demand
@@ -71,7 +72,10 @@ class StepInputs:
     req_ids: list[str]
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
-    attn: CommonAttentionMetadata
+    attn: CommonAttentionMetadata  # KV-cache group 0's (block table and slot mapping)
+    # Every group's, in group order (attn_groups[0] is attn): the same requests and
+    # lengths, each group's own block table and slot mapping.
+    attn_groups: tuple[CommonAttentionMetadata, ...]
     # Requests that reach the end of their known tokens this step sample one token each.
     sample_req_idx: list[int]  # indexes into req_ids
     sample_token_idx: torch.Tensor  # [len(sample_req_idx)] int64: their last token's row
@@ -120,7 +124,7 @@ class InputBatch:
                 output_token_ids=list(new.output_token_ids),
                 sampling_params=new.sampling_params,
                 eos_token_id=new.eos_token_id,
-                block_ids=list(new.block_ids),
+                block_ids=tuple(list(ids) for ids in new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
             )
             problem = self._problem(state)
@@ -130,7 +134,8 @@ class InputBatch:
             self.requests[new.req_id] = state
         for cached in out.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
+            for table, ids in zip(state.block_ids, cached.new_block_ids):
+                table.extend(ids)
             for token_id in cached.new_token_ids:
                 state.append_token(token_id)
             state.num_computed_tokens = cached.num_computed_tokens
@@ -188,15 +193,17 @@ class InputBatch:
                 pending_src.append(last_sample_row[state.req_id])
                 end -= 1
             input_ids[lo:hi] = state.token_ids_np[starts[i] : end]
-            max_blocks = max(max_blocks, len(state.block_ids))
-        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+            max_blocks = max(max_blocks, max(len(t) for t in state.block_ids))
+        num_groups = len(states[0].block_ids) if states else 1
+        block_tables = np.zeros((num_groups, num_reqs, max_blocks), dtype=np.int32)
         for i, state in enumerate(states):
-            block_table[i, : len(state.block_ids)] = state.block_ids
-        slot_mapping = (
-            block_table[req_of_token, positions // self.block_size].astype(np.int64)
-            * self.block_size
+            for g, table in enumerate(state.block_ids):
+                block_tables[g, i, : len(table)] = table
+        token_blocks = positions // self.block_size
+        slot_mappings = (
+            block_tables[:, req_of_token, token_blocks].astype(np.int64) * self.block_size
             + positions % self.block_size
-        )
+        )  # [num_groups, num_tokens]
         seq_lens = starts + counts
         # A request samples when the step reaches the end of its tokens, placeholder included.
         num_known = np.fromiter((s.num_tokens for s in states), np.int64, num_reqs)
@@ -204,12 +211,13 @@ class InputBatch:
 
         sample_token_idx = query_start_loc[1:][sample_req_idx] - 1
         num_pending = len(pending_dst)
-        ids_d, positions_d, slots_d, sample_d, pending_d = self._upload(
-            [input_ids, positions, slot_mapping, sample_token_idx,
-             np.asarray(pending_dst + pending_src, dtype=np.int64)], np.int64)
+        ids_d, positions_d, sample_d, pending_d, *slots_d = self._upload(
+            [input_ids, positions, sample_token_idx,
+             np.asarray(pending_dst + pending_src, dtype=np.int64), *slot_mappings], np.int64)
         qsl32, seq32 = query_start_loc.astype(np.int32), seq_lens.astype(np.int32)
-        qsl_d, seq_lens_d, table_d = self._upload([qsl32, seq32, block_table.ravel()], np.int32)
-        attn = CommonAttentionMetadata(
+        qsl_d, seq_lens_d, *tables_d = self._upload(
+            [qsl32, seq32, *(table.ravel() for table in block_tables)], np.int32)
+        first = CommonAttentionMetadata(
             num_reqs=num_reqs,
             num_actual_tokens=num_tokens,
             max_query_len=int(counts.max()) if num_reqs else 0,
@@ -219,14 +227,19 @@ class InputBatch:
             num_computed_tokens_cpu=torch.from_numpy(starts.astype(np.int32)),
             query_start_loc=qsl_d,
             seq_lens=seq_lens_d,
-            block_table=table_d.view(block_table.shape),
-            slot_mapping=slots_d,
+            block_table=tables_d[0].view(num_reqs, max_blocks),
+            slot_mapping=slots_d[0],
         )
+        groups = (first, *(
+            dataclasses.replace(first, block_table=table.view(num_reqs, max_blocks),
+                                slot_mapping=slots)
+            for table, slots in zip(tables_d[1:], slots_d[1:])))
         return StepInputs(
             req_ids=req_ids,
             input_ids=ids_d,
             positions=positions_d,
-            attn=attn,
+            attn=first,
+            attn_groups=groups,
             sample_req_idx=sample_req_idx.tolist(),
             sample_token_idx=sample_d,
             pending_dst=pending_d[:num_pending] if num_pending else None,

@@ -21,17 +21,22 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import SINGLE, ParallelContext, use_parallel
-from engine.distributed.sharding import split_heads
 from engine.messages.core import LogprobsEntry
 from engine.messages.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
-from engine.models.layers.attention import Attention
+from engine.models.layers.attention import Attention, kv_cache_layout
 from engine.models.loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.worker.input_batch import InputBatch, StepInputs
 from engine.worker.profiler import TraceProfiler
 from engine.worker.sampler import LogprobsTensors, Sampler, logprob_tensors, row_logprobs
 from engine.worker.sampling_metadata import RequestSamplingState, SamplingMetadata
-from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
+from platforms.interface import (
+    AttentionBackend,
+    AttentionSpec,
+    CommonAttentionMetadata,
+    GroupedAttentionMetadata,
+    Platform,
+)
 from platforms.kernels import use_kernels
 from platforms.registry import kernel_table
 from platforms.util import cdiv
@@ -75,17 +80,11 @@ class ModelRunner:
         self.device = platform.device(local_rank)
         model_config = config.model
         self.dtype = model_config.dtype
-        hf = model_config.hf_config
-        heads = split_heads(hf.num_attention_heads, model_config.num_kv_heads,
-                            parallel.tp_rank, parallel.tp_size)
-        self.attn_spec = AttentionSpec(
-            num_heads=heads.num_heads,  # this rank's heads: its KV cache holds only these
-            num_kv_heads=heads.num_kv_heads,
-            head_size=model_config.head_dim,
-            dtype=self.dtype,
-            block_size=config.cache.block_size,
-        )
-        self.attn_backend = platform.attention_backend(self.attn_spec)
+        # KV-cache groups (one for most models; Gemma's local and global layers make
+        # several); a backend per group is built once the model declares its layers.
+        self.layout = kv_cache_layout(model_config)
+        self.attn_backends: list[Optional[AttentionBackend]] = []
+        self._slot_of: dict[Attention, int] = {}  # layer -> the cache tensor it uses
         self.input_batch = InputBatch(config.cache.block_size, self.device,
                                       pin_memory=platform.capabilities.pinned_memory,
                                       vocab_size=model_config.vocab_size)
@@ -106,9 +105,69 @@ class ModelRunner:
     def load_model(self) -> None:
         self.kernels = kernel_table(self.platform)
         with use_kernels(self.kernels), use_parallel(self.parallel):
-            self.model = load_model(self.config.model, self.attn_backend, self.device, self.dtype)
-        self.forward = self.platform.graph_runner(self.model.forward, self.config.for_platform(),
-                                                  (self.attn_backend,))
+            self.model = load_model(self.config.model, self.device, self.dtype)
+        self._bind_attention()
+        self.forward = self.platform.graph_runner(
+            self.model.forward, self.config.for_platform(),
+            tuple(b for b in self.attn_backends if b is not None))
+
+    @property
+    def attn_backend(self) -> AttentionBackend:
+        """The first KV-cache group's backend (the only one for most models)."""
+        backend = next((b for b in self.attn_backends if b is not None), None)
+        if backend is None:
+            raise RuntimeError("No attention layer was bound (the model is not loaded).")
+        return backend
+
+    def _bind_attention(self) -> None:
+        """Give each Attention layer its group's backend and its cache slot; refuse what the
+        platform's attention cannot do."""
+        assert self.model is not None
+        layout, block_size = self.layout, self.config.cache.block_size
+        specs: dict[int, AttentionSpec] = {}
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            group, slot = layout.place(layer.layer_idx)
+            window = layout.groups[group].sliding_window
+            declared = layer.sliding_window
+            if declared is not None and declared >= self.config.model.max_model_len:
+                declared = None  # the window covers every position: full attention
+            if declared != window:
+                raise ValueError(
+                    f"Layer {layer.layer_idx} of {type(self.model).__name__} declares "
+                    f"sliding window {layer.sliding_window}, its config says {window}: the "
+                    "model class and layer_sliding_windows disagree.")
+            spec = dataclasses.replace(layer.spec(self.dtype, block_size), sliding_window=window)
+            if specs.setdefault(group, spec) != spec:
+                raise ValueError(f"Layers of KV-cache group {group} differ in attention "
+                                 f"({specs[group]} vs {spec}).")
+            layer.kv_group = group
+            self._slot_of[layer] = slot
+        self._check_attention_features(specs)
+        self.attn_backends = [self.platform.attention_backend(specs[g]) if g in specs else None
+                              for g in range(len(layout.groups))]
+        for layer in layers:
+            layer.backend = self.attn_backends[layer.kv_group]
+
+    def _check_attention_features(self, specs: dict[int, AttentionSpec]) -> None:
+        needs = set().union(*(spec.features for spec in specs.values()))
+        if len(self.layout.groups) > 1:
+            needs.add("kv_cache_groups")
+        missing = sorted(needs - self.platform.capabilities.attention_features)
+        if missing:
+            raise ValueError(
+                f"{self.config.model.architecture} needs attention features the "
+                f"{self.platform.name} platform does not implement: {', '.join(missing)} "
+                "(its Capabilities.attention_features); run it on a platform that has them.")
+
+    def _attn_metadata(self, inputs: StepInputs) -> Any:
+        """The forward's attention metadata: the backend's own for one group, a
+        GroupedAttentionMetadata with one entry per group otherwise."""
+        if len(self.attn_backends) == 1:
+            return self.attn_backend.build_metadata(inputs.attn)
+        return GroupedAttentionMetadata(
+            None if backend is None else backend.build_metadata(common)
+            for backend, common in zip(self.attn_backends, inputs.attn_groups))
 
     @property
     def model_bytes(self) -> int:
@@ -117,9 +176,10 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
+        """A block id's bytes: one block in each cache slot tensor."""
         shape = self.attn_backend.kv_cache_shape(1)
         per_layer = int(np.prod(shape)) * torch.empty((), dtype=self.dtype).element_size()
-        return per_layer * self.config.model.num_layers
+        return per_layer * self.layout.num_slots
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -152,15 +212,18 @@ class ModelRunner:
         lens = [min(base + (i < extra), sched.max_model_len) for i in range(num_reqs)]
         block_size = self.config.cache.block_size
         reqs, next_block = [], 0
+        num_groups = len(self.layout.groups)
         for i, n in enumerate(lens):
             num_req_blocks = cdiv(n, block_size)
+            tables = []
+            for _ in range(num_groups):
+                tables.append(list(range(next_block, next_block + num_req_blocks)))
+                next_block += num_req_blocks
             reqs.append(NewRequestData(
                 req_id=f"__profile_{i}__", prompt_token_ids=[0] * n, output_token_ids=[],
-                sampling_params=SamplingParams(max_tokens=1),
-                block_ids=list(range(next_block, next_block + num_req_blocks)),
+                sampling_params=SamplingParams(max_tokens=1), block_ids=tuple(tables),
                 num_computed_tokens=0,
             ))
-            next_block += num_req_blocks
         self.initialize_kv_cache(next_block)
         try:
             self.execute_model(SchedulerOutput(reqs, [], {r.req_id: len(r.prompt_token_ids)
@@ -176,11 +239,19 @@ class ModelRunner:
             self.num_blocks = 0
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        """One cache tensor per slot this rank's layers use; a layer of group g at slot j
+        keeps its K/V in tensor j, in the blocks group g's tables name."""
         assert self.model is not None
-        shape = self.attn_backend.kv_cache_shape(num_blocks)
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for layer in layers:
-            layer.kv_cache = self.platform.allocate_kv_cache(shape, self.dtype, self.device)
+        shapes = {b.kv_cache_shape(num_blocks) for b in self.attn_backends if b is not None}
+        if len(shapes) != 1:
+            raise ValueError(f"The KV-cache groups' layers have different cache shapes "
+                             f"{sorted(shapes)}; groups of one pool need one shape.")
+        shape = shapes.pop()
+        tensors: dict[int, torch.Tensor] = {}
+        for layer, slot in self._slot_of.items():
+            if slot not in tensors:
+                tensors[slot] = self.platform.allocate_kv_cache(shape, self.dtype, self.device)
+            layer.kv_cache = tensors[slot]
         self.num_blocks = num_blocks
 
     # ---- profiling ----
@@ -212,7 +283,7 @@ class ModelRunner:
         if inputs.pending_dst is not None:
             assert self._last_sampled is not None and inputs.pending_src is not None
             inputs.input_ids[inputs.pending_dst] = self._last_sampled[inputs.pending_src]
-        attn_metadata = self.attn_backend.build_metadata(inputs.attn)
+        attn_metadata = self._attn_metadata(inputs)
         hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         if out.grammar_deferred:
@@ -356,7 +427,8 @@ class ModelRunner:
             prompt_token_ids=[0] * num_tokens,
             output_token_ids=[],
             sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
-            block_ids=[0] * (cdiv(num_tokens, self.config.cache.block_size)),
+            block_ids=tuple([0] * cdiv(num_tokens, self.config.cache.block_size)
+                            for _ in self.layout.groups),
             num_computed_tokens=0,
         )
         self.execute_model(SchedulerOutput([req], [], {req.req_id: num_tokens}, num_tokens))
@@ -384,7 +456,10 @@ class ModelRunner:
         )
         input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         positions = torch.zeros(n, dtype=torch.int64, device=self.device)
-        return input_ids, positions, self.attn_backend.build_metadata(common)
+        if len(self.attn_backends) == 1:
+            return input_ids, positions, self.attn_backend.build_metadata(common)
+        return input_ids, positions, GroupedAttentionMetadata(
+            None if b is None else b.build_metadata(common) for b in self.attn_backends)
 
 
 class DeferredSample:

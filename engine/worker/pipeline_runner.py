@@ -36,8 +36,8 @@ class PipelineStageRunner(ModelRunner):
     @property
     def bytes_per_block(self) -> int:
         """One block's KV bytes over this stage's layers only (the others are elsewhere)."""
-        per_layer = super().bytes_per_block // self.config.model.num_layers
-        return per_layer * len(self.stage.layers)
+        per_slot = super().bytes_per_block // self.layout.num_slots
+        return per_slot * len(set(self._slot_of.values()))
 
     def _stage_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        attn_metadata: Any) -> Optional[torch.Tensor]:
@@ -63,6 +63,5 @@ class PipelineStageRunner(ModelRunner):
         if out.total_num_scheduled_tokens == 0:
             return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         inputs = self.input_batch.prepare(out)
-        self.forward(inputs.input_ids, inputs.positions,
-                     self.attn_backend.build_metadata(inputs.attn))
+        self.forward(inputs.input_ids, inputs.positions, self._attn_metadata(inputs))
         return StepHandle.done(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))

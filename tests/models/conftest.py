@@ -18,12 +18,17 @@ BLOCK_SIZE = 16
 
 
 def build_model(model_config: ModelConfig, dtype: torch.dtype = torch.float32):
-    """Our model for `model_config` on CPU, plus its attention backend."""
+    """Our model for `model_config` on CPU, plus its attention backend (every layer bound to
+    it: models with one kind of attention layer)."""
     cfg = model_config.hf_config
     spec = AttentionSpec(cfg.num_attention_heads, model_config.num_kv_heads,
                          model_config.head_dim, dtype, BLOCK_SIZE)
     backend = CpuPlatform().attention_backend(spec)
-    return load_model(model_config, backend, "cpu", dtype), backend
+    model = load_model(model_config, "cpu", dtype)
+    for layer in model.modules():
+        if isinstance(layer, Attention):
+            layer.backend = backend
+    return model, backend
 
 
 def bind_kv_caches(model: torch.nn.Module, backend, num_blocks: int) -> int:

@@ -1,15 +1,20 @@
-"""Config features the engine does not implement are refused at load, naming the field and the
-way out, where running without them would silently give other outputs than the model's: a
-sliding attention window shorter than --max-model-len (Mistral, Qwen2 with
-use_sliding_window), and quantized checkpoints."""
+"""Config features are honoured or refused at load, never ignored: sliding windows become
+KV-cache groups (refused, naming the feature, on a platform whose attention lacks them), and
+quantized checkpoints are refused by method."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from engine.benchmarks.dummy_tokenizer import save_word_level_tokenizer
 from engine.engine_args import EngineArgs
+from engine.engine_core.core import resolve_for_platform
+from engine.models.layers.attention import kv_cache_layout
+from engine.worker.model_runner import ModelRunner
+from platforms.cpu.platform import CpuPlatform
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
@@ -21,27 +26,34 @@ def _config(tmp_path, config, **args):
     return EngineArgs(model=str(tmp_path), load_format="dummy", **args).create_config()
 
 
-def test_a_window_shorter_than_the_context_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"sliding_window=64: .*--max-model-len 64"):
-        _config(tmp_path, MistralConfig(sliding_window=64, **SMALL))
-
-
-def test_within_the_window_attention_is_full_attention(tmp_path):
-    config = _config(tmp_path, MistralConfig(sliding_window=64, **SMALL), max_model_len=64)
-    assert config.model.max_model_len == 64
-
-
-def test_mistral_without_a_window_and_qwen2_with_it_off_load(tmp_path):
-    assert _config(tmp_path / "m", MistralConfig(sliding_window=None, **SMALL)).model
-    off = Qwen2Config(use_sliding_window=False, sliding_window=32, **SMALL)
-    assert _config(tmp_path / "q", off).model.max_model_len == 256
-
-
-def test_qwen2_sliding_layers_are_refused(tmp_path):
+def test_windows_become_kv_cache_groups(tmp_path):
+    mistral = _config(tmp_path / "m", MistralConfig(sliding_window=64, **SMALL))
+    assert kv_cache_layout(mistral.model).windows == (64,)
+    # Within --max-model-len <= window, attention over the window is attention over all.
+    within = _config(tmp_path / "w", MistralConfig(sliding_window=64, **SMALL),
+                     max_model_len=64)
+    assert kv_cache_layout(within.model).windows == (None,)
     on = Qwen2Config(use_sliding_window=True, sliding_window=32, max_window_layers=1, **SMALL)
-    assert "sliding_attention" in on.layer_types
-    with pytest.raises(ValueError, match="sliding_window=32"):
-        _config(tmp_path, on)
+    layout = kv_cache_layout(_config(tmp_path / "q", on).model)
+    assert [(g.sliding_window, g.layers) for g in layout.groups] == [(None, (0,)), (32, (1,)),
+                                                                       (32, (2,))]
+    off = Qwen2Config(use_sliding_window=False, sliding_window=32, **SMALL)
+    assert kv_cache_layout(_config(tmp_path / "o", off).model).windows == (None,)
+
+
+class _NoWindowsPlatform(CpuPlatform):
+    """A platform whose attention implements none of the optional features."""
+
+    capabilities = dataclasses.replace(CpuPlatform.capabilities,
+                                       attention_features=frozenset())
+
+
+def test_a_platform_without_windows_refuses_a_windowed_model(tmp_path):
+    config = _config(tmp_path, MistralConfig(sliding_window=64, **SMALL))
+    platform = _NoWindowsPlatform()
+    runner = ModelRunner(resolve_for_platform(config, platform), platform)
+    with pytest.raises(ValueError, match="does not implement: sliding_window"):
+        runner.load_model()
 
 
 def test_a_quantized_checkpoint_is_refused_by_method(tmp_path):

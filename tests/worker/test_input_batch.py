@@ -15,7 +15,7 @@ from engine.worker.input_batch import InputBatch
 def _step(num_reqs: int) -> SchedulerOutput:
     reqs = [NewRequestData(req_id=f"r{i}", prompt_token_ids=list(range(3 + i)),
                            output_token_ids=[], sampling_params=SamplingParams(max_tokens=4),
-                           block_ids=[i], num_computed_tokens=0) for i in range(num_reqs)]
+                           block_ids=([i],), num_computed_tokens=0) for i in range(num_reqs)]
     return SchedulerOutput(reqs, [], {r.req_id: len(r.prompt_token_ids) for r in reqs},
                            sum(len(r.prompt_token_ids) for r in reqs))
 

@@ -44,7 +44,7 @@ def make_runner(tmp_path_factory):
 
 def new(req_id: str, prompt: list[int], outputs: list[int] = ()) -> SchedulerOutput:
     n = len(prompt) + len(outputs)
-    data = NewRequestData(req_id, list(prompt), list(outputs), GREEDY, block_ids=[1, 2],
+    data = NewRequestData(req_id, list(prompt), list(outputs), GREEDY, block_ids=([1, 2],),
                           num_computed_tokens=0)
     return SchedulerOutput([data], [], {req_id: n}, n)
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from engine.kv_cache.groups import KVCacheLayout, plan_kv_cache_layout
 from platforms.interface import AttentionBackend, AttentionSpec, GroupedAttentionMetadata
 
 
@@ -86,3 +87,10 @@ def layer_sliding_windows(hf_config: Any) -> tuple[Optional[int], ...]:
     if getattr(hf_config, "use_sliding_window", True) is False:
         return (None,) * num_layers
     return (int(window),) * num_layers
+
+
+def kv_cache_layout(model_config: Any) -> KVCacheLayout:
+    """The KV-cache groups of a resolved `ModelConfig` (the engine core and every worker
+    plan the same, from the config, so pipeline stages agree on groups they do not hold)."""
+    return plan_kv_cache_layout(layer_sliding_windows(model_config.hf_config),
+                                model_config.max_model_len)

@@ -85,18 +85,6 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
     )
 
 
-def sliding_window(hf_config: Any) -> Optional[int]:
-    """The attention window some layer of the model uses, or None when every layer attends
-    to the whole context (transformers' `layer_types`, else `use_sliding_window`)."""
-    window = getattr(hf_config, "sliding_window", None)
-    if window is None:
-        return None
-    layer_types = getattr(hf_config, "layer_types", None)
-    if layer_types is not None:
-        return int(window) if "sliding_attention" in layer_types else None
-    return None if getattr(hf_config, "use_sliding_window", True) is False else int(window)
-
-
 def check_config_features(hf_config: Any, max_model_len: int) -> None:
     """ValueError naming a config feature the engine does not implement, where running
     without it would give outputs that differ from the model's."""
@@ -107,14 +95,6 @@ def check_config_features(hf_config: Any, max_model_len: int) -> None:
         raise ValueError(f"quantization_config (quant_method {method!r}): quantized "
                          "checkpoints are not supported yet; use the unquantized weights or "
                          "a GGUF file (dequantized at load).")
-    window = sliding_window(hf_config)
-    # HF masks keys at distance >= window: within --max-model-len <= window, attention over
-    # the window is attention over everything.
-    if window is not None and max_model_len > window:
-        raise ValueError(f"sliding_window={window}: attention over a sliding window is not "
-                         f"supported yet, and past {window} tokens the outputs would differ "
-                         f"from the model's; pass --max-model-len {window} (or less), where "
-                         "the window covers the whole context.")
 
 
 def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
