@@ -536,6 +536,7 @@ class Platform(abc.ABC):
             "dtypes": ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes),
             "head_sizes": ", ".join(map(str, caps.head_sizes)) if caps.head_sizes else "any",
             "collectives": caps.distributed_backend,
+            "attention_features": ", ".join(sorted(caps.attention_features)) or "none",
         }
         if "kernels" not in caps.notes:  # a platform whose kernels import heavily names them
             info["kernels"] = ", ".join(sorted({k.name for k in self.kernel_overrides()}

@@ -12,6 +12,23 @@ if [[ " $* " == *" tests "* ]]; then
   timeout 380 python3 -m pytest -v -x -p no:cacheprovider plugins/cuda/tests/test_gpu_e2e.py \
     plugins/cuda/tests/test_graph_runner.py >"$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
 fi
+if [[ " $* " == *" windows "* ]]; then
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider plugins/cuda/tests/test_graph_groups.py \
+    plugins/cuda/tests/test_ops_attention.py plugins/cuda/tests/test_gpu_e2e.py -s \
+    >"$OUT/windows.log" 2>&1; grep -iE "window|passed|failed|error" "$OUT/windows.log" | tail -8
+fi
+if [[ " $* " == *" gemma2 "* ]]; then
+  # Gemma-2-9B shape: within --max-model-len 2048 its 4096 window is full attention (one
+  # KV-cache group, soft-caps on); with a 512 window the local layers form a second group.
+  python3 scripts/make_gemma2_9b_config.py /tmp/gemma-2-9b-shape >/dev/null
+  python3 scripts/make_gemma2_9b_config.py /tmp/gemma-2-9b-w512 --sliding-window 512 >/dev/null
+  for m in gemma-2-9b-shape gemma-2-9b-w512; do
+    timeout 300 python3 -m engine.entrypoints.cli bench throughput /tmp/$m \
+      --load-format dummy --dtype bfloat16 --num-prompts ${NP:-1000} --input-len 1024 \
+      --output-len 128 --ignore-eos --max-model-len 2048 --ceilings --no-hf-peer \
+      >"$OUT/$m.log" 2>&1; echo "== $m"; tail -12 "$OUT/$m.log"
+  done
+fi
 if [[ " $* " == *" latency "* ]]; then
   timeout 200 python3 -m engine.entrypoints.cli bench latency /tmp/llama-3.1-8b-shape \
     --load-format dummy --dtype bfloat16 --input-len 128 --output-len 256 --batch-size 1 \

@@ -37,6 +37,7 @@ TRITON_KERNELS: dict[str, str] = {
     "fused_add_rms_norm": "engine_cuda.ops.norm",
     "rotary_embedding": "engine_cuda.ops.rotary",
     "silu_and_mul": "engine_cuda.ops.activation",
+    "gelu_tanh_and_mul": "engine_cuda.ops.activation",
 }
 # Above the torch reference (0); a kernel library can still outbid it through engine_kernels.
 TRITON_KERNEL_PRIORITY = 10
