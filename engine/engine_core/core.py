@@ -18,8 +18,8 @@ import torch
 from engine.config import EngineConfig
 from engine.engine_core.batch_queue import BatchQueue, worth_dispatching
 from engine.executor import make_executor
-from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 from engine.kv_cache.groups import KVCacheLayout
+from engine.messages.core import EngineCoreOutputs, EngineCoreRequest
 from engine.models.layers.attention import kv_cache_layout
 from engine.models.loader import checkpoint_dtype
 from engine.scheduler.request import Request, RequestStatus
