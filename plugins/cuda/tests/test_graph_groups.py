@@ -164,7 +164,13 @@ def _common(batch, table, block_size, device) -> CommonAttentionMetadata:
 def grouped_batch(backends, model, batch, block_size, num_blocks, device, gen):
     """Inputs and a GroupedAttentionMetadata for `batch` [(computed, new)]: each group on its
     own shuffled blocks; the windowed group's blocks before each request's window hold NaN
-    in every layer of that group (freed and reused, as the engine may have)."""
+    in every layer of that group (freed and reused, as the engine may have). Every other
+    block is refilled first: a block a previous batch filled with NaN may be in this
+    batch's windows."""
+    for cache in model.caches:
+        fresh = torch.randn(cache.shape, generator=gen).to(device=cache.device, dtype=cache.dtype)
+        cache.copy_(fresh)
+        cache[:, 0].zero_()  # block 0: the dummy batch's scratch block
     max_blocks = max(cdiv(c + n, block_size) for c, n in batch)
     metas = []
     for g, backend in enumerate(backends):
