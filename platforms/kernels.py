@@ -23,6 +23,37 @@ in meaning; dtypes are the model's):
   in place, for each k, every logit of row ``rows[k]`` whose token t has bit ``t % 32`` of
   word ``bitmask[k, t // 32]`` clear becomes -inf (structured outputs: the tokens a grammar
   forbids); tokens past ``32 * W`` are forbidden; other rows are untouched.
+* ``moe_select_experts(router_logits [T, E] float (any float dtype), routing: MoERouting,
+  correction_bias: Optional[[E] float] = None) -> (topk_weights [T, k] float32, topk_ids
+  [T, k] int32)``: the router of a mixture-of-experts block. Scores are softmax or sigmoid
+  (``routing.scoring``) of the logits in float32. The choice uses scores + correction_bias
+  (DeepSeek-V3's load-balancing bias, when given); the weights are the scores without it.
+  With ``num_expert_group`` G and ``topk_group`` g the E experts form G equal groups; a
+  group's score is its max score (no bias) or the sum of its top 2 biased scores (with
+  bias), and only the experts of the top g groups may be chosen. Then ``torch.topk`` of
+  ``top_k`` over the allowed experts (HF's choice), the weights gathered; ``renormalize``
+  divides them by their sum; then times ``routed_scaling_factor``. Columns come in topk's
+  order (descending); an implementation may order a row otherwise, ids and weights together.
+  (Mixtral: softmax, top-k, renormalize; Qwen2-MoE: norm_topk_prob False, no renormalize;
+  Qwen3-MoE: renormalize.)
+* ``fused_experts(hidden [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights
+  [T, k] float32, topk_ids [T, k] int, activation: str = "silu") -> [T, H]`` in hidden's
+  dtype: for each token t and slot j with 0 <= e = topk_ids[t, j] < E_local,
+  out[t] += topk_weights[t, j] * w2[e] @ (act(w13[e, :I] @ h[t]) * (w13[e, I:] @ h[t]))
+  (gate = first half of w13, up = second half; act "silu" or "gelu_pytorch_tanh"). An id
+  outside [0, E_local) (-1: an expert another expert-parallel rank holds) adds nothing, and
+  an expert that receives no token costs nothing. Each expert computes in hidden's dtype
+  and its output is multiplied by its weight cast to that dtype (as HF's Qwen-MoE experts
+  do); the reference adds the experts in ascending id order in that dtype, as HF's loop does.
+* ``fused_moe(hidden, router_logits, w13, w2, routing, correction_bias=None,
+  activation="silu") -> [T, H]`` = ``fused_experts(hidden, w13, w2, *moe_select_experts(
+  router_logits, routing, correction_bias), activation)``: the whole routed-experts block,
+  so a vendor can swap it in one piece. Shared experts are not inside: the model adds them
+  (Qwen2-MoE: a shared expert MLP scaled by a sigmoid gate). With tensor parallelism w13/w2
+  hold this rank's slice of each expert's intermediate dim, and the output is a partial sum.
+
+History: v1 rms_norm to apply_token_bitmask; v2 adds moe_select_experts, fused_experts and
+fused_moe (and the `MoERouting` dataclass they take).
 """
 
 from __future__ import annotations
@@ -105,6 +136,88 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     logits.index_copy_(0, rows, selected)
 
 
+@dataclass(frozen=True)
+class MoERouting:
+    """How a mixture-of-experts router picks each token's experts (see the module docstring)."""
+
+    top_k: int
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    renormalize: bool = False
+    num_expert_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"MoE scoring {self.scoring!r}: choose 'softmax' or 'sigmoid'.")
+        if (self.num_expert_group is None) != (self.topk_group is None):
+            raise ValueError("MoE grouped routing needs both num_expert_group and topk_group "
+                             f"(got {self.num_expert_group} and {self.topk_group}).")
+
+
+def moe_select_experts(router_logits: torch.Tensor, routing: MoERouting,
+                       correction_bias: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if routing.scoring == "softmax" else logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if routing.num_expert_group is not None:
+        tokens, experts = scores.shape
+        groups = choice.view(tokens, routing.num_expert_group, -1)  # [T, G, E / G]
+        group_scores = (groups.max(dim=-1).values if correction_bias is None
+                        else groups.topk(2, dim=-1).values.sum(dim=-1))
+        top_groups = group_scores.topk(routing.topk_group, dim=-1).indices  # [T, g]
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        allowed = allowed.unsqueeze(-1).expand_as(groups).reshape(tokens, experts)
+        choice = choice.masked_fill(~allowed, float("-inf"))
+    ids = choice.topk(routing.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if routing.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if routing.routed_scaling_factor != 1.0:
+        weights = weights * routing.routed_scaling_factor
+    return weights, ids.to(torch.int32)
+
+
+_EXPERT_ACTIVATIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  activation: str = "silu") -> torch.Tensor:
+    act = _EXPERT_ACTIVATIONS[activation]
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    out = torch.zeros_like(hidden)
+    flat_ids = topk_ids.reshape(-1).long()
+    mine = (flat_ids >= 0) & (flat_ids < num_experts)
+    # Token slots grouped by expert (others last): one matmul per expert that has tokens.
+    order = torch.where(mine, flat_ids, num_experts).argsort(stable=True)
+    counts = torch.bincount(flat_ids[mine], minlength=num_experts).tolist()
+    weights = topk_weights.reshape(-1).to(hidden.dtype)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start:start + count]
+        start += count
+        tokens = slots // top_k
+        gate, up = F.linear(hidden[tokens], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, w2[expert]) * weights[slots].unsqueeze(-1)
+        out.index_add_(0, tokens, y)
+    return out
+
+
+def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
+              w2: torch.Tensor, routing: MoERouting,
+              correction_bias: Optional[torch.Tensor] = None,
+              activation: str = "silu") -> torch.Tensor:
+    topk_weights, topk_ids = moe_select_experts(router_logits, routing, correction_bias)
+    return fused_experts(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+
 REFERENCE: Mapping[str, Callable[..., Any]] = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
@@ -112,6 +225,9 @@ REFERENCE: Mapping[str, Callable[..., Any]] = {
     "silu_and_mul": silu_and_mul,
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "apply_token_bitmask": apply_token_bitmask,
+    "moe_select_experts": moe_select_experts,
+    "fused_experts": fused_experts,
+    "fused_moe": fused_moe,
 }
 KERNEL_NAMES: tuple[str, ...] = tuple(REFERENCE)
 

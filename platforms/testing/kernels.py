@@ -3,6 +3,11 @@
 Rule: every `KernelImpl` the platform offers is run on the platform's device with fresh
 random inputs of several shapes (including the non-contiguous q/k views a model passes),
 and compared with `platforms.kernels.REFERENCE` computed in float64 then cast.
+
+The MoE ops get router logits whose values in a row are distinct in every dtype (a shuffled
+ladder), so the experts chosen can differ from the reference's only by a bug, not by a tie;
+`moe_select_experts` is compared row by row sorted by expert id (any column order is
+allowed), its outputs are float32 weights and int32 ids whatever the logits' dtype.
 """
 
 from __future__ import annotations
@@ -13,11 +18,67 @@ from typing import Any
 import torch
 
 from platforms.interface import Platform
-from platforms.kernels import REFERENCE
+from platforms.kernels import REFERENCE, MoERouting
 
 _TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # Ops that write their first argument and return nothing.
 IN_PLACE = frozenset({"apply_token_bitmask"})
+# Ops whose outputs have fixed dtypes, not the inputs' dtype.
+_OUTPUT_DTYPES = {"moe_select_experts": (torch.int32, torch.float32)}  # as compared: ids first
+# (experts, routing, with correction bias) for the router and the whole block.
+_ROUTINGS = (
+    (8, MoERouting(top_k=2, renormalize=True), False),  # Mixtral
+    (16, MoERouting(top_k=4, renormalize=False), False),  # Qwen2-MoE
+    (64, MoERouting(top_k=8, renormalize=True), False),  # Qwen3-MoE (128 in the real one)
+    (16, MoERouting(top_k=3, scoring="sigmoid", renormalize=True), True),
+    (32, MoERouting(top_k=4, renormalize=True, num_expert_group=4, topk_group=2), False),
+    (64, MoERouting(top_k=6, scoring="sigmoid", renormalize=True, num_expert_group=8,
+                    topk_group=4, routed_scaling_factor=2.5), True),  # DeepSeek-V3-shaped
+)
+
+
+def _router_logits(tokens: int, experts: int, gen: torch.Generator) -> torch.Tensor:
+    """[T, E]: each row a shuffle of a ladder with steps of 4 / E (exact in bf16 too)."""
+    rows = [torch.randperm(experts, generator=gen) for _ in range(tokens)]
+    return torch.stack(rows).float() * (4.0 / experts) - 2.0
+
+
+def _moe_cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+               ) -> list[tuple[Any, ...]]:
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    cases: list[tuple[Any, ...]] = []
+    for i, (experts, routing, with_bias) in enumerate(_ROUTINGS):
+        tokens = (1, 5, 33)[i % 3]  # one token: most experts receive none
+        logits = _router_logits(tokens, experts, gen).to(device=device, dtype=dtype)
+        bias = (torch.randn(experts, generator=gen) * 0.1).to(device) if with_bias else None
+        if name == "moe_select_experts":
+            cases.append((logits, routing, bias))
+        elif name == "fused_moe":
+            hidden, inter = (64, 32) if i % 2 else (128, 96)
+            cases.append((rand(tokens, hidden), logits,
+                          rand(experts, 2 * inter, hidden, scale=hidden**-0.5),
+                          rand(experts, hidden, inter, scale=inter**-0.5), routing, bias))
+    if name == "fused_experts":
+        for tokens, hidden, inter, experts, k in ((1, 64, 32, 8, 2), (7, 128, 64, 16, 4),
+                                                  (33, 256, 96, 8, 2)):
+            ids = torch.stack([torch.randperm(experts, generator=gen)[:k]
+                               for _ in range(tokens)])
+            ids[ids >= experts - 2] = -1  # the last two experts live on another EP rank
+            weights = torch.rand(tokens, k, generator=gen).to(device)
+            cases.append((rand(tokens, hidden), rand(experts, 2 * inter, hidden, scale=hidden**-0.5),
+                          rand(experts, hidden, inter, scale=inter**-0.5), weights,
+                          ids.to(device=device, dtype=torch.int32)))
+    return cases
+
+
+def _sorted_by_expert(out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(weights, ids) -> [ids, weights], each row's columns in ascending id order (ids
+    first: a wrong choice is reported as such, not as a weight error)."""
+    weights, ids = out
+    order = ids.long().argsort(dim=-1)
+    return [ids.gather(1, order), weights.gather(1, order)]
 
 
 def _cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.Generator
@@ -25,6 +86,8 @@ def _cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.Gener
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
+    if name in ("moe_select_experts", "fused_experts", "fused_moe"):
+        return _moe_cases(name, dtype, device, gen)
     cases: list[tuple[Any, ...]] = []
     for tokens, hidden in ((1, 64), (7, 576), (33, 1024)):
         if name == "rms_norm":
@@ -89,13 +152,22 @@ def check_kernel_overrides(platform: Platform, dtypes: tuple[torch.dtype, ...] =
                     expected = _flat(ref(*[_to64(a) for a in args]))
                     got = _flat(impl.fn(*args))
                 platform.synchronize()
-                for e, g in zip(expected, got, strict=True):
-                    if g.shape != e.shape or g.dtype != dtype:
+                want_dtypes = _OUTPUT_DTYPES.get(impl.name, (dtype,) * len(expected))
+                if impl.name == "moe_select_experts":
+                    expected = _sorted_by_expert(expected)
+                    got = _sorted_by_expert([g.to("cpu") for g in got])
+                for e, g, want_dtype in zip(expected, got, want_dtypes, strict=True):
+                    if g.shape != e.shape or g.dtype != want_dtype:
                         raise AssertionError(
                             f"{impl.name} ({impl.provider}) returned {tuple(g.shape)} {g.dtype}; "
-                            f"expected {tuple(e.shape)} {dtype}"
+                            f"expected {tuple(e.shape)} {want_dtype}"
                         )
-                    g = g.to("cpu", torch.float64)
+                    if not g.is_floating_point():
+                        if not torch.equal(g.to("cpu"), e.to("cpu")):
+                            raise AssertionError(f"{impl.name} ({impl.provider}, {dtype}) "
+                                                 "chose other experts than the reference")
+                        continue
+                    g, e = g.to("cpu", torch.float64), e.to("cpu", torch.float64)
                     if not torch.equal(torch.isinf(g), torch.isinf(e)):
                         raise AssertionError(f"{impl.name} ({impl.provider}, {dtype}) masks "
                                              "other entries than the reference")
