@@ -114,12 +114,18 @@ class AttentionSpec:
     @property
     def features(self) -> frozenset[str]:
         """The ATTENTION_FEATURES this spec needs of a backend."""
-        needs = set()
-        if self.sliding_window is not None:
-            needs.add("sliding_window")
-        if self.logits_soft_cap is not None:
-            needs.add("logits_soft_cap")
-        return frozenset(needs)
+        return attention_features(self.sliding_window, self.logits_soft_cap)
+
+
+def attention_features(sliding_window: Optional[int], logits_soft_cap: Optional[float]
+                       ) -> frozenset[str]:
+    """The ATTENTION_FEATURES an attention layer with these settings needs."""
+    needs = set()
+    if sliding_window is not None:
+        needs.add("sliding_window")
+    if logits_soft_cap is not None:
+        needs.add("logits_soft_cap")
+    return frozenset(needs)
 
 
 class GroupedAttentionMetadata(tuple):

@@ -23,7 +23,12 @@ from typing import Optional
 
 import torch
 
-from platforms.interface import AttentionSpec, CommonAttentionMetadata, Platform
+from platforms.interface import (
+    AttentionSpec,
+    CommonAttentionMetadata,
+    Platform,
+    attention_features,
+)
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,7 @@ class AttentionFeatureCase:
 
     @property
     def features(self) -> frozenset[str]:
-        needs = set()
-        if self.sliding_window is not None:
-            needs.add("sliding_window")
-        if self.logits_soft_cap is not None:
-            needs.add("logits_soft_cap")
-        return frozenset(needs)
+        return attention_features(self.sliding_window, self.logits_soft_cap)
 
     @property
     def id(self) -> str:
