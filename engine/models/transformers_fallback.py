@@ -19,7 +19,9 @@ What is refused, with the flag to change: a class that does not route attention 
 interface (`_supports_attention_backend`), or fails the probe, encoder-decoder, multimodal
 and non-causal models, models
 with layers that are not attention (hybrid recurrent state would need a cache of its own),
-and tensor or pipeline parallelism (transformers' `base_model_tp_plan` is not applied here).
+and pipeline parallelism. Tensor parallelism follows the class's own TP plan
+(`transformers_fallback_tp`); a class without one is refused for `--tensor-parallel-size`
+above 1.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ import torch
 from torch import nn
 
 from engine.models.layers.attention import Attention, layer_sliding_windows
+from engine.models.transformers_fallback_tp import (
+    check_local_heads,
+    shard_by_plan,
+    tp_plan_problems,
+)
 
 ATTN_IMPLEMENTATION = "engine_paged"
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -85,10 +92,9 @@ def check_fallback(hf_config: Any, tensor_parallel_size: int = 1,
                    pipeline_parallel_size: int = 1) -> None:
     """ValueError naming what keeps the transformers fallback from running this model."""
     problems = fallback_problems(hf_config)
-    if tensor_parallel_size > 1:
-        problems.append(f"--tensor-parallel-size {tensor_parallel_size}: the fallback runs "
-                        "on one device (transformers' base_model_tp_plan is not applied); "
-                        "pass --tensor-parallel-size 1")
+    if tensor_parallel_size > 1 and not problems:
+        problems += tp_plan_problems(hf_causal_lm_class(hf_config), hf_config,
+                                     tensor_parallel_size)
     if pipeline_parallel_size > 1:
         problems.append(f"--pipeline-parallel-size {pipeline_parallel_size}: the fallback "
                         "runs the whole model in one stage; pass --pipeline-parallel-size 1")
@@ -218,7 +224,9 @@ class TransformersForCausalLM(nn.Module):
         self.hf = hf_causal_lm_class(config)._from_config(
             hf_config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.get_default_dtype())
         self.hf.eval()  # no dropout, in the probes below as in every step
-        self._attach_attention_layers(config)
+        if ctx.tp_size > 1:
+            shard_by_plan(self.hf)
+        self._attach_attention_layers(config, ctx.tp_size)
         base = self.hf.base_model
         head = copy.copy(self.hf)  # the same modules, with the base model stood in for
         head._modules = dict(self.hf._modules)
@@ -226,7 +234,7 @@ class TransformersForCausalLM(nn.Module):
         object.__setattr__(self, "_head", head)  # outside the module tree: no second copy
         self._check_head()
 
-    def _attach_attention_layers(self, config: Any) -> None:
+    def _attach_attention_layers(self, config: Any, tp_size: int) -> None:
         """One engine `Attention` per decoder layer, on the HF module that calls attention
         for it, declared with what a probe forward saw HF pass (see `_Probe`)."""
         probe = _Probe()
@@ -243,6 +251,8 @@ class TransformersForCausalLM(nn.Module):
                 f"attention reached the engine for layers {sorted(probe.calls)} of "
                 f"{config.num_hidden_layers} (does the class pass the forward's keyword "
                 "arguments down to attention?)")
+        probe.problems += check_local_heads(
+            {i: seen[:2] for i, (_, seen) in probe.calls.items()}, config, tp_size)
         if probe.problems:
             raise ValueError(f"The transformers fallback cannot run {type(self.hf).__name__}:"
                              "\n  " + "\n  ".join(probe.problems)
@@ -313,13 +323,24 @@ class TransformersForCausalLM(nn.Module):
                     continue
                 raise ValueError(f"Checkpoint tensor {hf_name!r} has no parameter in "
                                  f"{type(self.hf).__name__}; the weights do not match the config.")
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"Checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(target.shape)}.")
-            target.data.copy_(tensor)
+            load_full = getattr(target, "load_full", None)  # a TP slice: this rank's part
+            if load_full is not None:
+                try:
+                    load_full(tensor)
+                except ValueError as e:
+                    raise ValueError(f"Checkpoint tensor {hf_name!r}: {e}") from None
+            else:
+                _copy_whole(target, hf_name, tensor, type(self.hf).__name__)
             if id(target) in canonical:
                 loaded.add(canonical[id(target)])
         return loaded
+
+
+def _copy_whole(target: torch.Tensor, hf_name: str, tensor: torch.Tensor, model: str) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ValueError(f"Checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                         f"{model} expects {tuple(target.shape)}; the weights do not match the config.")
+    target.data.copy_(tensor)
 
 
 def _architecture_name(hf_config: Any) -> str:
