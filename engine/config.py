@@ -85,6 +85,8 @@ class ParallelConfig:
     # Which replica this engine core is (0..data_parallel_size-1); set by the data-parallel
     # client for each core it starts, so replicas take different devices.
     data_parallel_rank: int = 0
+    # MoE experts split across the tensor-parallel ranks (whole experts per rank).
+    enable_expert_parallel: bool = False
 
     @property
     def world_size(self) -> int:

@@ -142,6 +142,12 @@ class EngineArgs(BaseModel):
         "tensor_parallel_size x pipeline_parallel_size devices) behind one server or LLM; "
         "requests go to the replica with the fewest unfinished ones."
     )
+    enable_expert_parallel: bool = Field(
+        False, description="Mixture-of-experts layers split their experts across the "
+        "tensor-parallel ranks (each rank holds num_experts / tensor_parallel_size whole "
+        "experts and tokens travel to their experts' ranks through all_to_all) instead of "
+        "splitting every expert's intermediate dimension."
+    )
     distributed_executor_backend: Optional[ExecutorBackend] = Field(
         None,
         description="How workers run: 'uniproc' (this process, one device), 'mp' (one "

@@ -62,6 +62,9 @@ class ParallelContext:
     pp_rank: int = 0
     pp_size: int = 1
     pp_comm: Optional[Communicator] = None
+    # MoE layers hold whole experts, split over the tensor-parallel group (its ranks are
+    # the expert-parallel ranks), instead of slices of every expert.
+    expert_parallel: bool = False
 
 
 SINGLE = ParallelContext()
@@ -101,7 +104,8 @@ class ParallelGroups:
     """
 
     def __init__(self, platform: Platform, layout: RankLayout, rank: int,
-                 init_method: str, timeout_s: float = 300.0) -> None:
+                 init_method: str, timeout_s: float = 300.0,
+                 expert_parallel: bool = False) -> None:
         import datetime
 
         import torch.distributed as dist
@@ -122,6 +126,7 @@ class ParallelGroups:
         self.context = ParallelContext(
             tp_rank=tp_rank, tp_size=layout.tensor_parallel_size, tp_comm=self.tp_comm,
             pp_rank=pp_rank, pp_size=layout.pipeline_parallel_size, pp_comm=self.pp_comm,
+            expert_parallel=expert_parallel,
         )
 
     def _join(self, platform: Platform, groups: list[list[int]]) -> Communicator:

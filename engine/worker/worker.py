@@ -49,8 +49,9 @@ class Worker:
         if local_rank is None:
             local_rank = parallel.data_parallel_rank * parallel.world_size + rank
         platform.set_device(platform.device(local_rank))
-        self.groups: Optional[ParallelGroups] = ParallelGroups(platform, layout, rank,
-                                                               init_method)
+        self.groups: Optional[ParallelGroups] = ParallelGroups(
+            platform, layout, rank, init_method,
+            expert_parallel=parallel.enable_expert_parallel)
         # Same seed on every rank: unseeded sampling draws the same noise everywhere, and
         # logits are gathered to every rank, so every rank appends the same tokens.
         platform.seed_everything(config.seed)

@@ -115,7 +115,30 @@ def _parallel_config(args: EngineArgs, hf_config: Any) -> ParallelConfig:
         raise ValueError("The model cannot be split over --tensor-parallel-size "
                          f"{tp}:\n  " + "\n  ".join(problems))
     backend = args.distributed_executor_backend or ("mp" if tp * pp > 1 else "uniproc")
-    return ParallelConfig(tp, pp, dp, backend)
+    if args.enable_expert_parallel:
+        _check_expert_parallel(hf_config, tp)
+    return ParallelConfig(tp, pp, dp, backend,
+                          enable_expert_parallel=args.enable_expert_parallel)
+
+
+def num_experts(hf_config: Any) -> Optional[int]:
+    """Routed experts per MoE layer (Mixtral, Qwen-MoE, DeepSeek names), None if dense."""
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = getattr(hf_config, name, None)
+        if value:
+            return int(value)
+    return None
+
+
+def _check_expert_parallel(hf_config: Any, tp: int) -> None:
+    experts = num_experts(hf_config)
+    if experts is None:
+        raise ValueError("--enable-expert-parallel: the model has no mixture-of-experts "
+                         "layers; leave the flag out.")
+    if experts % tp:
+        raise ValueError(f"--enable-expert-parallel: {experts} experts do not split evenly "
+                         f"over --tensor-parallel-size {tp}; pick a size that divides "
+                         f"{experts}.")
 
 
 def checkpoint_dtype(model_config: ModelConfig) -> torch.dtype:
