@@ -12,8 +12,8 @@ hands attention this rank's heads; the probe in `transformers_fallback` declares
 Styles whose output is whole on every rank given a whole input (`colwise_gather_output`,
 `rowwise_split_input`, `*_rep`, embeddings, `replicate`) keep their module whole on every
 rank: the same numbers, no collective. Embeddings and the LM head are kept whole that way.
-Any other style, a planned module that is not an `nn.Linear`, a plan entry that names no
-module, and fewer KV heads than ranks are refused with the flag to change.
+Any other style, a planned module (or parameter) that is not an `nn.Linear`, and fewer KV
+heads than ranks are refused with the flag to change.
 """
 
 from __future__ import annotations
@@ -73,9 +73,13 @@ def shard_by_plan(hf_model: nn.Module) -> None:
                              f"which the fallback does not implement; {_TP1}.")
         pattern = re.compile(re.escape(key).replace(r"\*", r"\d+"))
         names = [name for name in modules if pattern.fullmatch(name)]
-        if not names:
-            raise ValueError(f"The TP plan of {model_name} names {key!r} ({style}), which is "
-                             f"no module of the model; {_TP1}.")
+        if not names and any(pattern.fullmatch(name) for name, _ in
+                             hf_model.named_parameters()):
+            raise ValueError(f"The TP plan of {model_name} gives the parameter {key!r} the "
+                             f"style {style!r}; the fallback splits only nn.Linear modules; "
+                             f"{_TP1}.")
+        # A rule that matches nothing (a dense-MLP rule in a model whose layers are all
+        # experts) is skipped, as transformers skips it.
         for name in names:
             parent, _, child = name.rpartition(".")
             setattr(hf_model.get_submodule(parent), child, _parallel(modules[name], name, style,

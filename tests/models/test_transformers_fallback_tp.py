@@ -19,6 +19,7 @@ from engine.models.layers.attention import Attention
 from engine.models.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.models.loader.model_loader import load_model
 from engine.models.transformers_fallback import TransformersForCausalLM
+from engine.models.transformers_fallback_tp import check_local_heads
 from tests.models.test_transformers_fallback import (
     BLOCK_SIZE,
     MAX_TOKENS,
@@ -151,3 +152,20 @@ def test_a_planned_module_that_is_not_a_linear_is_refused(monkeypatch):
             ValueError, match=r"'transformer.h.0.attn.c_attn' the style 'colwise', but it is "
                               r"a Conv1D, not an nn.Linear.*--tensor-parallel-size 1"):
         TransformersForCausalLM(config)
+
+
+def test_heads_that_do_not_split_by_the_plan_are_refused():
+    config = LlamaConfig(**DENSE)  # 4 query heads, 2 KV heads
+    assert check_local_heads({0: (2, 1), 1: (4, 2)}, config, 2) == []  # split; kept whole
+    (problem,) = check_local_heads({0: (2, 1), 1: (2, 2)}, config, 2)
+    assert problem.startswith("layer 1 attends with 2 query and 2 KV heads on one of 2 ranks")
+    assert problem.endswith("--tensor-parallel-size 1")
+
+
+def test_a_planned_parameter_is_refused(monkeypatch):
+    monkeypatch.setattr(GraniteConfig, "base_model_tp_plan",
+                        {"layers.*.self_attn.q_proj.weight": "colwise"})
+    with use_parallel(ParallelContext(tp_rank=0, tp_size=2)), pytest.raises(
+            ValueError, match=r"the parameter 'model.layers.\*.self_attn.q_proj.weight'.*"
+                              r"--tensor-parallel-size 1"):
+        TransformersForCausalLM(CASES["granite"]())
