@@ -50,6 +50,10 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
     architecture, model_impl = resolve_model_impl(
         hf_config, args.model_impl, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size)
+    if args.enable_expert_parallel and model_impl == "transformers":
+        raise ValueError("--enable-expert-parallel: the transformers fallback keeps every "
+                         "expert on every rank; run a native MoE class (--model-impl native) "
+                         "or leave the flag out.")
     tokenizer = _tokenizer_source(args, source)
     max_model_len = _max_model_len(args.max_model_len, hf_config)
     check_config_features(hf_config, max_model_len)
