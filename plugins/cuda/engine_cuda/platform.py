@@ -38,6 +38,9 @@ TRITON_KERNELS: dict[str, str] = {
     "rotary_embedding": "engine_cuda.ops.rotary",
     "silu_and_mul": "engine_cuda.ops.activation",
     "gelu_tanh_and_mul": "engine_cuda.ops.activation",
+    "moe_select_experts": "engine_cuda.ops.moe",
+    "fused_experts": "engine_cuda.ops.moe",
+    "fused_moe": "engine_cuda.ops.moe",
 }
 # Above the torch reference (0); a kernel library can still outbid it through engine_kernels.
 TRITON_KERNEL_PRIORITY = 10
