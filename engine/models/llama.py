@@ -1,9 +1,9 @@
 """The Llama decoder, shared by every Llama-shaped model (Llama 2/3/3.1, Mistral, SmolLM2,
 DeepSeek-R1-Distill-Llama) and, through `DecoderOptions`, by Qwen2, Qwen3, Phi-3, Gemma 2
-and Gemma 3.
+and Gemma 3, and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Rule: a variant is a set of options on this one decoder (qkv bias, per-head q/k norm, Gemma's
-norms and soft-caps), never a copy of it. Tokens are flattened ([T], no batch dimension); the paged cache work is the
+norms and soft-caps, a sparse MLP per layer), never a copy of it. Tokens are flattened ([T], no batch dimension); the paged cache work is the
 `Attention` layer's. Compute runs in the model dtype; logits come out in float32.
 
 With tensor parallelism the two row-parallel projections of a layer (o_proj, down_proj)
@@ -19,7 +19,7 @@ norm takes whole inputs.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -66,12 +66,20 @@ class DecoderOptions:
     attn_logits_soft_cap: Optional[float] = None  # scores -> cap * tanh(scores / cap)
     final_logits_soft_cap: Optional[float] = None  # logits -> cap * tanh(logits / cap)
     rope_per_layer_type: bool = False  # Gemma 3: rope_parameters per layer type
+    # Mixture of experts (Mixtral, Qwen-MoE): (config, options, layer index) -> that layer's
+    # MoE block, or None where the layer keeps the dense LlamaMLP. None: every layer dense.
+    sparse_mlp: Optional[Callable[[Any, DecoderOptions, int], Optional[nn.Module]]] = None
 
     @property
     def reduces_branches(self) -> bool:
         """Whether o_proj and down_proj sum over the TP ranks themselves: Gemma's norms do
         no fused all-reduce, and a sandwich norm needs the whole branch output."""
         return self.gemma_norms or self.sandwich_norms
+
+    def mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        """Layer `layer_idx`'s MLP: the sparse one the options choose, else LlamaMLP."""
+        sparse = None if self.sparse_mlp is None else self.sparse_mlp(config, self, layer_idx)
+        return LlamaMLP(config, self) if sparse is None else sparse
 
     def norm(self, size: int, eps: float, partial_input: bool = False) -> RMSNorm:
         if self.gemma_norms:
@@ -145,7 +153,7 @@ class LlamaDecoderLayer(nn.Module):
                  layer_idx: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, opts, rotary_emb, layer_idx)
-        self.mlp = LlamaMLP(config, opts)
+        self.mlp = opts.mlp(config, layer_idx)
         # Both take a partial branch output (the row-parallel projections do not reduce).
         self.input_layernorm = opts.norm(config.hidden_size, config.rms_norm_eps,
                                          partial_input=True)

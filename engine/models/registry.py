@@ -20,6 +20,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma2ForCausalLM": ("engine.models.gemma2", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("engine.models.gemma3", "Gemma3ForCausalLM"),
     "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),
+    "MixtralForCausalLM": ("engine.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("engine.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("engine.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 # Architectures refused with a reason (rather than "not supported") before anything reads
 # their config.
@@ -35,7 +38,9 @@ _REFUSED = {
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                  "gemma3": "Gemma3ForConditionalGeneration", "phi3": "Phi3ForCausalLM"}
+                  "gemma3": "Gemma3ForConditionalGeneration", "phi3": "Phi3ForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 # --model-impl choices, and the architecture name under which the transformers fallback
