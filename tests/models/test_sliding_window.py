@@ -12,6 +12,7 @@ from transformers import MistralConfig, Qwen2Config
 
 from engine import LLM, SamplingParams
 from engine.benchmarks.dummy_tokenizer import save_word_level_tokenizer
+from tests.models.hf_reference import hf_greedy
 from tests.models.test_model_logits_vs_hf import save_random_model
 
 VOCAB = 256
@@ -41,20 +42,6 @@ def _prompts():
     return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def _hf_greedy(hf_model, prompt):
-    """HF's greedy continuation and the logprob of each chosen token (float32)."""
-    ids = torch.tensor([prompt])
-    tokens, logprobs = [], []
-    with torch.no_grad():
-        for _ in range(MAX_TOKENS):
-            logits = hf_model(ids).logits[0, -1].float()
-            token = int(logits.argmax())
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return tokens, logprobs
-
-
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_greedy_tokens_and_logprobs_equal_hf_past_the_window(model_dir, prefix_caching):
     directory, hf_model = model_dir
@@ -68,7 +55,7 @@ def test_greedy_tokens_and_logprobs_equal_hf_past_the_window(model_dir, prefix_c
                             ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, out in zip(prompts, outs):
-        tokens, logprobs = _hf_greedy(hf_model, prompt)
+        tokens, logprobs = hf_greedy(hf_model, prompt, MAX_TOKENS)
         got = out.outputs[0]
         assert list(got.token_ids) == tokens
         got_lp = [entry[t].logprob for entry, t in zip(got.logprobs, got.token_ids)]
@@ -87,7 +74,7 @@ def test_a_tiny_kv_cache_preempts_and_still_equals_hf(model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, out in zip(prompts, outs):
-        assert list(out.outputs[0].token_ids) == _hf_greedy(hf_model, prompt)[0]
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf_model, prompt, MAX_TOKENS)[0]
     hybrid = "qwen2" in directory.name
     assert (llm.get_metrics()["num_preemptions"] > 0) == hybrid
     assert llm.get_metrics()["kv_cache_usage"] == 0.0  # every block back

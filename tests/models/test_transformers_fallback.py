@@ -28,6 +28,7 @@ from engine.models.registry import TRANSFORMERS_FALLBACK, get_model_class
 from engine.models.transformers_fallback import TransformersForCausalLM
 from platforms.cpu.platform import CpuPlatform
 from tests.entrypoints.serve_fixtures import REPO_ROOT, ServerProcess, free_port
+from tests.models.hf_reference import hf_greedy
 from tests.models.test_model_logits_vs_hf import save_random_model
 
 VOCAB = 256
@@ -68,19 +69,6 @@ def model_dir(request, tmp_path_factory):
 def _prompts():
     gen = torch.Generator().manual_seed(5)
     return [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
-
-
-def _hf_greedy(hf_model, prompt):
-    """HF's greedy continuation and each chosen token's logprob (float32)."""
-    ids, tokens, logprobs = torch.tensor([prompt]), [], []
-    with torch.no_grad():
-        for _ in range(MAX_TOKENS):
-            logits = hf_model(ids).logits[0, -1].float()
-            token = int(logits.argmax())
-            tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return tokens, logprobs
 
 
 def _bind_cpu_attention(model, num_blocks, block_size):
@@ -125,7 +113,7 @@ def test_batched_chunked_greedy_equals_hf(model_dir, prefix_caching):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
-        tokens, logprobs = _hf_greedy(hf_model, prompt)
+        tokens, logprobs = hf_greedy(hf_model, prompt, MAX_TOKENS)
         got = out.outputs[0]
         assert list(got.token_ids) == tokens
         got_lp = [entry[t].logprob for entry, t in zip(got.logprobs, got.token_ids)]
@@ -171,7 +159,7 @@ def test_serve_gives_hf_greedy_tokens(tmp_path):
         choices = sorted(response.json()["choices"], key=lambda c: c["index"])
         tokenizer_vocab = _vocab(tmp_path)
         for prompt, choice in zip(prompts, choices):
-            tokens, _ = _hf_greedy(hf_model, prompt)
+            tokens, _ = hf_greedy(hf_model, prompt, MAX_TOKENS)
             got = [tokenizer_vocab[t] for t in choice["logprobs"]["tokens"]]
             assert got == tokens
     finally:

@@ -20,12 +20,12 @@ from engine.models.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.models.loader.model_loader import load_model
 from engine.models.transformers_fallback import TransformersForCausalLM
 from engine.models.transformers_fallback_tp import check_local_heads
+from tests.models.hf_reference import hf_greedy
 from tests.models.test_transformers_fallback import (
     BLOCK_SIZE,
     MAX_TOKENS,
     SMALL,
     _config_dir,
-    _hf_greedy,
     _prompts,
     _save,
 )
@@ -70,7 +70,7 @@ def test_tp2_greedy_equals_tp1_and_hf(model_dir):
     directory, hf_model = model_dir
     single, split = _generate(directory, tp=1), _generate(directory, tp=2)
     for prompt, one, two in zip(_prompts(), single, split):
-        tokens, logprobs = _hf_greedy(hf_model, prompt)
+        tokens, logprobs = hf_greedy(hf_model, prompt, MAX_TOKENS)
         assert list(two.token_ids) == list(one.token_ids) == tokens
         torch.testing.assert_close(_chosen_logprobs(two), torch.tensor(logprobs),
                                    rtol=1e-4, atol=1e-4)
@@ -81,7 +81,7 @@ def test_model_impl_transformers_tp2_on_llama_gives_native_tokens(tmp_path):
     native = _generate(str(tmp_path), tp=1, model_impl="native")
     fallback = _generate(str(tmp_path), tp=2, model_impl="transformers")
     for prompt, a, b in zip(_prompts(), native, fallback):
-        assert list(b.token_ids) == list(a.token_ids) == _hf_greedy(hf_model, prompt)[0]
+        assert list(b.token_ids) == list(a.token_ids) == hf_greedy(hf_model, prompt, MAX_TOKENS)[0]
         torch.testing.assert_close(_chosen_logprobs(b), _chosen_logprobs(a),
                                    rtol=1e-4, atol=1e-4)
 
