@@ -12,13 +12,13 @@ up halves column-wise, w2 row-wise), like `LlamaMLP`: the output is this rank's 
 left, like a row-parallel layer's with `reduce_output=False`, to the next norm to add over
 the ranks (`reduce_output=True` sums it here, for Gemma-style decoders).
 
-Expert parallelism (off by default) is the seam for splitting experts instead: this rank
-then holds experts [expert_start, expert_start + num_local_experts) whole, and the forward
-runs two steps, `moe_select_experts` over all experts, then `fused_experts` with the ids
-remapped to local ones (-1 for the experts other ranks hold, which the op skips). Over the
-TP group with tokens replicated (what `expert_parallel=True` does here) the output is again
-a partial sum, reduced by the same norm; dispatching tokens with all_to_all instead is the
-part an EP implementation adds in `_forward_expert_parallel`.
+Expert parallelism (`--enable-expert-parallel`: `ParallelContext.expert_parallel`) splits
+the experts instead: this rank holds experts [expert_start, expert_start +
+num_local_experts) whole (it loads only those), and the forward runs two steps:
+`moe_select_experts` over all experts, then `ExpertParallel` (engine.models.layers.
+expert_parallel) sends each token-slot of this rank's token slice to its expert's rank
+through all_to_all, runs `fused_experts` there and brings the outputs back. The output is
+again a partial sum (this rank's token rows), reduced by the same norm.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 
 from engine.distributed import parallel_context
 from engine.models.layers.activation import gated_activation
+from engine.models.layers.expert_parallel import ExpertParallel
 from engine.models.layers.linear import Linear, MergedColumnParallelLinear, RowParallelLinear
 from platforms.kernels import MoERouting, kernel
 
@@ -41,9 +42,11 @@ class FusedMoE(nn.Module):
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  routing: MoERouting, activation: str = "silu", reduce_output: bool = False,
-                 expert_parallel: bool = False) -> None:
+                 expert_parallel: Optional[bool] = None) -> None:
         super().__init__()
         ctx = parallel_context()
+        if expert_parallel is None:  # the engine's --enable-expert-parallel
+            expert_parallel = ctx.expert_parallel
         self.tp_rank, self.tp_size, self.comm = ctx.tp_rank, ctx.tp_size, ctx.tp_comm
         if top_k != routing.top_k:
             raise ValueError(f"FusedMoE top_k {top_k} differs from its routing's "
@@ -77,6 +80,11 @@ class FusedMoE(nn.Module):
         self._fused_moe = kernel("fused_moe")
         self._select_experts = kernel("moe_select_experts")
         self._fused_experts = kernel("fused_experts")
+        # Without a communicator (one process building several ranks' layers, in tests)
+        # each rank runs its experts over every token: the same partial sums, no exchange.
+        self._exchange: Optional[ExpertParallel] = None
+        if self.is_expert_parallel and self.comm is not None:
+            self._exchange = ExpertParallel(self.comm, num_experts)
 
     @property
     def is_expert_parallel(self) -> bool:
@@ -94,12 +102,21 @@ class FusedMoE(nn.Module):
 
     def _forward_expert_parallel(self, hidden: torch.Tensor, router_logits: torch.Tensor
                                  ) -> torch.Tensor:
-        """Route over all experts, then compute the ones this rank holds (the seam where an
-        all_to_all dispatch/combine goes)."""
+        """Route over all experts, then exchange token-slots with the ranks holding their
+        experts (a partial sum of this rank's token rows)."""
         weights, ids = self._select_experts(router_logits, self.routing, None)
-        local = ids - self.expert_start
-        local = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
-        return self._fused_experts(hidden, self.w13, self.w2, weights, local, self.activation)
+        if self._exchange is None:
+            local = ids - self.expert_start
+            local = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
+            return self._fused_experts(hidden, self.w13, self.w2, weights, local,
+                                       self.activation)
+        return self._exchange(hidden, weights, ids, self._run_local_experts)
+
+    def _run_local_experts(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Each received row through its one local expert (-1: padding, zero out)."""
+        ones = torch.ones(len(x), 1, dtype=torch.float32, device=x.device)
+        return self._fused_experts(x, self.w13, self.w2, ones, local_ids[:, None],
+                                   self.activation)
 
     # ---- weights ----------------------------------------------------------------------
 
@@ -180,7 +197,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, intermediate_size: int,
                  routing: MoERouting, activation: str = "silu",
                  shared_intermediate_size: Optional[int] = None, reduce_output: bool = False,
-                 expert_parallel: bool = False) -> None:
+                 expert_parallel: Optional[bool] = None) -> None:
         super().__init__()
         self.gate = Linear(hidden_size, num_experts)
         self.experts = FusedMoE(num_experts, routing.top_k, hidden_size, intermediate_size,
