@@ -6,6 +6,13 @@ out: rename tensors to HF names, reverse the q/k row permutation of Llama checkp
 take back the 1 llama.cpp adds to Gemma's norm weights (it stores the scale, 1 + w; HF and
 transformers' own GGUF loader keep w). Where the metadata is silent, the config takes what
 llama.cpp assumes for the architecture (Gemma 3's local rope base and layer pattern).
+
+Mixtures of experts: `qwen2moe`, `qwen3moe`, and `llama` with `llama.expert_count` (Mixtral)
+store each layer's experts stacked (`ffn_{gate,up,down}_exps`, [E, I, H] / [E, H, I]) or, in
+old Mixtral files, one tensor per expert (`ffn_gate.<e>`); both come out as HF per-expert
+tensors. llama.cpp renormalises the top-k for Mixtral and Qwen3-MoE, not for Qwen2-MoE
+(`expert_weights_norm` overrides), and makes a layer sparse iff it has a router
+(`ffn_gate_inp`): the others become the config's `mlp_only_layers`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,14 @@ _ARCHITECTURES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),  # the text model only (as transformers)
     "phi3": ("phi3", "Phi3ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# `llama` files with experts are Mixtral.
+_MIXTRAL = ("mixtral", "MixtralForCausalLM")
+_MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
+# Whether llama.cpp renormalises the top-k expert weights, when the file does not say.
+_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 _GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # llama.cpp permutes the q/k rows of Llama checkpoints only (for its own rope layout).
 _PERMUTED_ARCHITECTURES = ("llama",)
@@ -47,7 +61,17 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the router, [E, H]
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",  # [H] here, [1, H] in HF
 }
+# Stacked experts ([E, ...]) and, in old Mixtral files, one expert per tensor
+# (blk.<i>.ffn_gate.<e>.weight): -> model.layers.<i>.mlp.experts.<e>.<proj>.weight.
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                 "ffn_down_exps": "down_proj"}
+_PER_EXPERT_NAMES = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
 # Where an architecture's blocks name a tensor differently: Gemma's four norms per block
 # (ffn_norm is the norm before the MLP there, not after attention), Phi-3's fused projections.
 _GEMMA_BLOCK_NAMES = {
@@ -78,6 +102,8 @@ def gguf_architecture(gguf: GGUFFile) -> tuple[str, str, str]:
             f"GGUF architecture {arch!r} in {gguf.path} is not supported; supported GGUF "
             f"architectures: {', '.join(sorted(_ARCHITECTURES))}."
         )
+    if arch == "llama" and gguf.fields.get("llama.expert_count"):
+        return arch, *_MIXTRAL
     return arch, *_ARCHITECTURES[arch]
 
 
@@ -126,7 +152,37 @@ def hf_config_from_gguf(gguf: GGUFFile) -> Any:
         kwargs.update(_gemma_kwargs(gguf, arch, kwargs))
     if arch == "phi3":
         kwargs.update(_phi3_kwargs(gguf, kwargs))
+    if get("expert_count"):
+        kwargs.update(_moe_kwargs(gguf, arch, kwargs))
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _moe_kwargs(gguf: GGUFFile, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Mixture-of-experts settings: expert counts and sizes, top-k renormalisation, and
+    which layers are sparse (those with a router tensor)."""
+    f = gguf.fields
+
+    def get(key: str, default: Any = None) -> Any:
+        return f.get(f"{arch}.{key}", default)
+
+    num_experts, top_k = int(get("expert_count")), int(get("expert_used_count"))
+    expert_size = int(get("expert_feed_forward_length", kwargs["intermediate_size"]))
+    norm = bool(get("expert_weights_norm", _EXPERT_WEIGHTS_NORM.get(arch, True)))
+    if arch == "llama":  # Mixtral: every layer sparse, experts of feed_forward_length
+        return {"num_local_experts": num_experts, "num_experts_per_tok": top_k,
+                "intermediate_size": expert_size, "hidden_act": "silu"}
+    names = {t.name for t in gguf.tensors}
+    dense = [i for i in range(kwargs["num_hidden_layers"])
+             if f"blk.{i}.ffn_gate_inp.weight" not in names]
+    out: dict[str, Any] = {"num_experts": num_experts, "num_experts_per_tok": top_k,
+                           "moe_intermediate_size": expert_size, "norm_topk_prob": norm,
+                           "decoder_sparse_step": 1, "mlp_only_layers": dense,
+                           "hidden_act": "silu"}
+    if arch == "qwen2moe":
+        out["shared_expert_intermediate_size"] = int(
+            get("expert_shared_feed_forward_length", kwargs["intermediate_size"]))
+        out["qkv_bias"] = "blk.0.attn_q.bias" in names
+    return out
 
 
 def _gemma_kwargs(gguf: GGUFFile, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +255,12 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     block_names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(arch, {})}
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in block_names:
         return f"model.layers.{parts[1]}.{block_names[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPERT_NAMES:
+        # Stacked: the caller splits it (`<e>` is each expert's index).
+        return f"model.layers.{parts[1]}.mlp.experts.<e>.{_EXPERT_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 5 and parts[0] == "blk" and parts[2] in _PER_EXPERT_NAMES:
+        return (f"model.layers.{parts[1]}.mlp.experts.{parts[3]}."
+                f"{_PER_EXPERT_NAMES[parts[2]]}.{parts[4]}")
     raise ValueError(f"GGUF tensor {gguf_name!r} has no HF equivalent this engine knows.")
 
 
@@ -226,6 +288,12 @@ def gguf_weights(gguf: GGUFFile, hf_config: Any) -> Iterator[tuple[str, torch.Te
             weight = _unpermute(weight, heads[proj])
         if arch in _GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
             weight -= 1.0  # llama.cpp stored 1 + w
+        if ".experts.<e>." in name:  # one [E, ...] tensor -> E HF tensors (views)
+            for expert, part in enumerate(weight.unbind(0)):
+                yield name.replace("<e>", str(expert)), part
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            weight = weight.reshape(1, -1)
         yield name, weight
 
 
