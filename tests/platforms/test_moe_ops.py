@@ -247,3 +247,26 @@ def test_kit_fails_a_wrong_moe_op(name, fn):
 
     with pytest.raises(AssertionError, match=name):
         check_kernel_overrides(_platform_offering(_impl(name, fn)))
+
+
+@pytest.mark.parametrize("name,renormalize,extra", [
+    ("mixtral", True, {}),
+    ("qwen2_moe", False, {"norm_topk_prob": False}),
+    ("qwen3_moe", True, {"norm_topk_prob": True}),
+])
+def test_fused_moe_in_bf16_follows_hf(name, renormalize, extra):
+    """HF runs each expert in bf16 and adds the experts in id order in bf16: the reference
+    does the same: equal to Qwen's bit for bit, within a bf16 rounding of Mixtral's (which
+    multiplies by the float32 weight where Qwen and the reference take its bf16 cast)."""
+    block = _hf_block(name, **extra).to(torch.bfloat16)
+    x = torch.randn(1, 11, 32, generator=torch.Generator().manual_seed(8)).bfloat16()
+    with torch.no_grad():
+        want = block(x)[0]
+        logits = F.linear(x[0], block.gate.weight)
+        got = fused_moe(x[0], logits, block.experts.gate_up_proj, block.experts.down_proj,
+                        MoERouting(top_k=3, renormalize=renormalize))
+    assert got.dtype == torch.bfloat16
+    if name != "mixtral":  # bit for bit
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
