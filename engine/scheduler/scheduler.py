@@ -339,7 +339,7 @@ class Scheduler:
         while (self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(step.num_scheduled) < step.max_reqs):
             request = self.waiting.peek()
-            hits, num_hit = self.kv_cache.get_computed_blocks(request)
+            hits, num_hit = self._prefix_hits(request)
             num_new = self._num_tokens_to_schedule(request, num_hit, step.budget)
             remaining = request.num_tokens - num_hit
             # Without chunking a request goes whole, unless it could never fit whole (a
@@ -355,6 +355,13 @@ class Scheduler:
                 return  # FCFS: no skipping ahead of the head of the queue
             self.waiting.pop()
             self._admit(request, num_hit, num_new, step)
+
+    def _prefix_hits(self, request: Request) -> tuple[Any, int]:
+        """The request's prefix-cache hits; none for a request that wants prompt logprobs,
+        whose every prompt position must be computed to give them (as vLLM does)."""
+        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+            return None, 0
+        return self.kv_cache.get_computed_blocks(request)
 
     def _admit(self, request: Request, num_hit: int, num_new: int, step: _Step) -> None:
         self.running.append(request)

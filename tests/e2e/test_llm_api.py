@@ -93,6 +93,22 @@ def test_logprobs_match_hf_for_greedy_tokens(llm, hf_smollm2, smollm2_tokenizer)
                             abs_tol=2e-3)
 
 
+def test_prompt_logprobs_of_a_cached_prompt_are_computed_again(llm):
+    """A prompt in the prefix cache still gets every prompt logprob: a request that asks
+    for them takes no cache hit (before, the second request's prompt_logprobs were None)."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4  # several full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
+    first, second = (llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2))
+    assert second.prompt_logprobs is not None and second.num_cached_tokens == 0
+    assert len(second.prompt_logprobs) == len(first.prompt_logprobs) > 32
+    for a, b in zip(first.prompt_logprobs[1:], second.prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        assert all(math.isclose(a[t].logprob, b[t].logprob, abs_tol=1e-4) for t in a)
+    # Without prompt logprobs the same prompt is found in the cache.
+    plain = llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert plain.num_cached_tokens > 0
+
+
 def test_chat_uses_the_model_template(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0]
