@@ -24,6 +24,21 @@ class FinishReason(enum.IntEnum):
         return self.name.lower()
 
 
+class LoRARequest(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """A LoRA adapter a request runs with (vLLM's names): `lora_int_id` (>= 1) identifies it
+    everywhere (slots, prefix-cache keys, metrics), `lora_path` is a peft directory
+    (adapter_config.json + adapter_model.safetensors)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    def __post_init__(self) -> None:
+        if self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be at least 1, got {self.lora_int_id} "
+                             "(0 is the base model).")
+
+
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     prompt_token_ids: list[int]
@@ -33,6 +48,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     priority: int = 0
     # Whom the request is for (the OpenAI `user` field): the unit a fair policy shares by.
     tenant: Optional[str] = None
+    lora_request: Optional[LoRARequest] = None  # None: the base model
 
 
 class LogprobsEntry(msgspec.Struct, array_like=True):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.messages.core import LogprobsEntry
+from engine.messages.core import LogprobsEntry, LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -31,6 +31,7 @@ class NewRequestData:
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int  # prefix-cache hits (and nothing else) for a new request
     eos_token_id: Optional[int] = None  # the sampler masks it below min_tokens
+    lora_request: Optional[LoRARequest] = None  # None: the base model
 
 
 @dataclass(frozen=True)
