@@ -94,6 +94,17 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's names): `max_loras` adapters on the device at once (the
+    most distinct adapters one step may run), `max_cpu_loras` kept in host memory (LRU
+    between the two), adapters of rank up to `max_lora_rank`."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None  # None: max_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -105,6 +116,7 @@ class EngineConfig:
     parallel: ParallelConfig = ParallelConfig()
     structured_outputs_backend: str = "auto"
     reasoning_parser: Optional[str] = None
+    lora: Optional[LoRAConfig] = None  # None: LoRA off (--enable-lora turns it on)
 
     def for_platform(self) -> PlatformConfig:
         """The settings the platform reads (after `resolve_for_platform` filled dtype and
