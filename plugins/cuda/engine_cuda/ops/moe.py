@@ -433,6 +433,63 @@ def tile_config(num_tokens: int, num_experts: int, top_k: int, inter: int, hidde
 # ---------------------------------------------------------------- the named ops
 
 
+@dataclass(frozen=True)
+class ExpertPlan:
+    """Where each slot goes (`align_by_expert`'s outputs) for one BLOCK_M."""
+
+    sorted_slots: torch.Tensor  # [P] int32
+    expert_ids: torch.Tensor  # [P / BLOCK_M] int32
+    num_padded: torch.Tensor  # [1] int32
+    block_m: int
+    num_slots: int
+    top_k: int
+
+
+def plan_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertPlan:
+    return ExpertPlan(*align_by_expert(topk_ids, num_experts, block_m), block_m,
+                      topk_ids.numel(), topk_ids.shape[1])
+
+
+def gate_up_gemm(hidden: torch.Tensor, w13: torch.Tensor, plan: ExpertPlan, tile: GemmTile,
+                 activation: str = "silu") -> torch.Tensor:
+    """-> [N, I] in hidden's dtype: act(gate) * up of each slot's token through its expert."""
+    inter, num_blocks = w13.shape[1] // 2, plan.expert_ids.numel()
+    out = torch.empty(plan.num_slots, inter, dtype=hidden.dtype, device=hidden.device)
+    _gate_up_kernel[(num_blocks * triton.cdiv(inter, tile.block_n),)](
+        hidden, w13, out, plan.sorted_slots, plan.expert_ids, plan.num_padded, num_blocks,
+        plan.num_slots, plan.top_k, inter, hidden.shape[1], hidden.stride(0), w13.stride(0),
+        w13.stride(1), out.stride(0), BLOCK_M=plan.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, GROUP_M=tile.group_m, IEEE=hidden.dtype == torch.float32,
+        GELU=ACTIVATIONS[activation], num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out
+
+
+def down_gemm(inter_act: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              plan: ExpertPlan, tile: GemmTile) -> torch.Tensor:
+    """inter_act [N, I], weights [N] float32 -> [N, H]: weight * w2[e] @ row, per slot."""
+    hidden_size, num_blocks = w2.shape[1], plan.expert_ids.numel()
+    out = torch.empty(plan.num_slots, hidden_size, dtype=inter_act.dtype,
+                      device=inter_act.device)
+    _down_kernel[(num_blocks * triton.cdiv(hidden_size, tile.block_n),)](
+        inter_act, w2, out, weights, plan.sorted_slots, plan.expert_ids, plan.num_padded,
+        num_blocks, plan.num_slots, hidden_size, inter_act.shape[1], inter_act.stride(0),
+        w2.stride(0), w2.stride(1), out.stride(0), BLOCK_M=plan.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, GROUP_M=tile.group_m, IEEE=inter_act.dtype == torch.float32,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out
+
+
+def sum_slots(slot_out: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+              out: torch.Tensor) -> torch.Tensor:
+    """out [T, H] = sum over j of slot_out[t * k + j] for ids in [0, E), in float32."""
+    num_tokens, hidden_size = out.shape
+    block_h = min(1024, triton.next_power_of_2(hidden_size))
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
+        slot_out, topk_ids, out, hidden_size, num_experts, slot_out.stride(0), out.stride(0),
+        TOP_K=topk_ids.shape[1], BLOCK_H=block_h, num_warps=4)
+    return out
+
+
 def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str = "silu",
                   config: Optional[MoETileConfig] = None) -> torch.Tensor:
@@ -445,36 +502,16 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     out = torch.empty_like(hidden)
     if num_tokens == 0:
         return out
-    top_k = topk_ids.shape[1]
-    cfg = config or tile_config(num_tokens, num_experts, top_k, inter, hidden_size,
+    cfg = config or tile_config(num_tokens, num_experts, topk_ids.shape[1], inter, hidden_size,
                                 hidden.dtype, hidden.device)
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
-    weights = topk_weights.to(torch.float32).contiguous()
     ids = topk_ids.contiguous()
-    sorted_slots, expert_ids, num_padded = align_by_expert(ids, num_experts, cfg.block_m)
-    num_slots, num_blocks = ids.numel(), expert_ids.numel()
-    ieee = hidden.dtype == torch.float32
-    inter_act = torch.empty(num_slots, inter, dtype=hidden.dtype, device=hidden.device)
-    t = cfg.gate_up
-    _gate_up_kernel[(num_blocks * triton.cdiv(inter, t.block_n),)](
-        hidden, w13, inter_act, sorted_slots, expert_ids, num_padded, num_blocks, num_slots,
-        top_k, inter, hidden_size, hidden.stride(0), w13.stride(0), w13.stride(1),
-        inter_act.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, IEEE=ieee, GELU=ACTIVATIONS[activation], num_warps=t.num_warps,
-        num_stages=t.num_stages)
-    slot_out = torch.empty(num_slots, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    t = cfg.down
-    _down_kernel[(num_blocks * triton.cdiv(hidden_size, t.block_n),)](
-        inter_act, w2, slot_out, weights, sorted_slots, expert_ids, num_padded, num_blocks,
-        num_slots, hidden_size, inter, inter_act.stride(0), w2.stride(0), w2.stride(1),
-        slot_out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=t.group_m, IEEE=ieee, num_warps=t.num_warps, num_stages=t.num_stages)
-    block_h = min(1024, triton.next_power_of_2(hidden_size))
-    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
-        slot_out, ids, out, hidden_size, num_experts, slot_out.stride(0), out.stride(0),
-        TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
-    return out
+    plan = plan_experts(ids, num_experts, cfg.block_m)
+    inter_act = gate_up_gemm(hidden, w13, plan, cfg.gate_up, activation)
+    slot_out = down_gemm(inter_act, w2, topk_weights.to(torch.float32).contiguous(), plan,
+                         cfg.down)
+    return sum_slots(slot_out, ids, num_experts, out)
 
 
 def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
