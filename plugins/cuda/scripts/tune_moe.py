@@ -14,7 +14,7 @@ registers) are skipped.
     python plugins/cuda/scripts/tune_moe.py --experts 64 --hidden 2048 --inter 1408 --top-k 6
         [--tokens 1,2,4,...] [--full] [--out PATH] [--dry-run]
 
-The quick space (default) has 16 tiles per GEMM and BLOCK_M for small batches and 32 where
+The quick space (default) has 24 tiles per GEMM and BLOCK_M for small batches and 48 where
 there are enough M-blocks to group; --full has 384 (plan on an hour: compiling dominates).
 A first pass on a time budget: --tokens 1,8,64,256,4096 (bench_moe's cases).
 """
@@ -53,7 +53,7 @@ def tile_candidates(full: bool, many_blocks: bool) -> list[GemmTile]:
     if full:
         space = ((32, 64, 128, 256), (32, 64, 128, 256), (1, 8, 16), (4, 8), (2, 3, 4, 5))
     else:
-        space = ((64, 128), (64, 128), (1, 8), (4, 8), (3, 4))
+        space = ((32, 64, 128), (64, 128), (1, 8), (4, 8), (3, 4))
     tiles = [GemmTile(*t) for t in itertools.product(*space)]
     return [t for t in tiles if many_blocks or t.group_m == 1]  # grouping needs M-blocks
 

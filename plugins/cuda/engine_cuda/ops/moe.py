@@ -379,8 +379,10 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, dtype: torch.d
     per_expert = num_tokens * top_k / max(1, num_experts)
     stages = 2 if dtype == torch.float32 else None  # float32 tiles fill shared memory twice
     if per_expert <= 16:
-        tile = GemmTile(64, 128, 1, 4, stages or 4)
-        return MoETileConfig(16, tile, tile)
+        # gate/up: 32 columns (x2: gate and up), so that one token's 8 experts at I=768 give
+        # 192 programs, more than the SMs; down has H / 64 tiles per block already.
+        return MoETileConfig(16, GemmTile(32, 128, 1, 4, stages or 4),
+                             GemmTile(64, 128, 1, 4, stages or 4))
     if per_expert <= 64:
         tile = GemmTile(64, 64, 8, 4, stages or 4)
         return MoETileConfig(32, tile, tile)
