@@ -29,6 +29,20 @@ if [[ " $* " == *" gemma2 "* ]]; then
       >"$OUT/$m.log" 2>&1; echo "== $m"; tail -12 "$OUT/$m.log"
   done
 fi
+if [[ " $* " == *" moe "* ]]; then
+  # Qwen3-30B-A3B shape (48 layers, 128 experts, top-8): kernel checks on the card, then
+  # batch-1 decode against the active-bytes roofline and offline 1000 x 1024/128.
+  python3 scripts/make_qwen3_30b_a3b_config.py /tmp/qwen3-30b-a3b-shape >/dev/null
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider plugins/cuda/tests/test_ops_moe.py \
+    >"$OUT/moe-tests.log" 2>&1; tail -2 "$OUT/moe-tests.log"
+  timeout 200 python3 -m engine.entrypoints.cli bench latency /tmp/qwen3-30b-a3b-shape \
+    --load-format dummy --dtype bfloat16 --input-len 128 --output-len 256 --batch-size 1 \
+    --max-model-len 4096 --ceilings >"$OUT/moe-latency.log" 2>&1; tail -12 "$OUT/moe-latency.log"
+  timeout 400 python3 -m engine.entrypoints.cli bench throughput /tmp/qwen3-30b-a3b-shape \
+    --load-format dummy --dtype bfloat16 --num-prompts ${NP:-1000} --input-len 1024 \
+    --output-len 128 --ignore-eos --max-model-len 2048 --ceilings --no-hf-peer \
+    >"$OUT/moe-throughput.log" 2>&1; tail -10 "$OUT/moe-throughput.log"
+fi
 if [[ " $* " == *" latency "* ]]; then
   timeout 200 python3 -m engine.entrypoints.cli bench latency /tmp/llama-3.1-8b-shape \
     --load-format dummy --dtype bfloat16 --input-len 128 --output-len 256 --batch-size 1 \
