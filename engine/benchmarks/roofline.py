@@ -9,6 +9,10 @@ n×n×n product on random data / time), each the median over timed repetitions a
   embedding, of which it gathers one row; time per token >= decode_weight_bytes / bandwidth.
 * compute roofline (throughput): each token costs 2 flop per non-embedding parameter;
   tokens/s <= matmul_rate / (2 * non_embedding_params).
+
+Mixture-of-experts layers count their *active* experts only: a token reads and multiplies
+through top_k of the num_experts experts, so their weights count top_k / num_experts of
+their size (the active-bytes roofline of a batch-1 decode step).
 """
 
 from __future__ import annotations
@@ -82,13 +86,20 @@ def measure(platform, copy_bytes: int = 1 << 30, matmul_size: int = 8192) -> Cei
     return Ceilings(bandwidth, rate, copy_bytes, matmul_size)
 
 
-def _weights_read_per_step(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters a decode step reads whole: all but an input embedding that is not also
-    the output head (a tied head reads the whole table)."""
+def _weights_read_per_step(model: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
+    """Parameters a decode step reads, each with the fraction of it one token reads: all but
+    an input embedding that is not also the output head (a tied head reads the whole
+    table); an MoE layer's experts top_k / num_experts."""
     params = dict(model.named_parameters())
     has_own_head = any(name.endswith("lm_head.weight") for name in params)
+    fraction: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        top_k, num_experts = getattr(module, "routing", None), getattr(module, "num_experts", 0)
+        if top_k is not None and num_experts:
+            for name, _ in module.named_parameters(prefix=prefix):
+                fraction[name] = min(1.0, top_k.top_k / num_experts)
     return {
-        name: p for name, p in params.items()
+        name: (p, fraction.get(name, 1.0)) for name, p in params.items()
         if not (name.endswith("embed_tokens.weight") and has_own_head)
     }
 
@@ -120,19 +131,22 @@ def counted_model(llm) -> nn.Module:
     torch.set_default_dtype(cfg.dtype)
     try:
         with torch.device("meta"):
-            return get_model_class(cfg.architecture)(cfg.hf_config, None)
+            return get_model_class(cfg.architecture)(cfg.hf_config)
     finally:
         torch.set_default_dtype(previous)
 
 
 def decode_weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights one batch-1 decode step reads (the input embedding excepted)."""
-    return sum(p.numel() * p.element_size() for p in _weights_read_per_step(model).values())
+    """Bytes of weights one batch-1 decode step reads (the input embedding excepted, only
+    the active experts of an MoE layer)."""
+    return int(sum(p.numel() * p.element_size() * f
+                   for p, f in _weights_read_per_step(model).values()))
 
 
 def non_embedding_params(model: nn.Module) -> int:
-    """Parameters every token multiplies through (input embedding excepted, head included)."""
-    return sum(p.numel() for p in _weights_read_per_step(model).values())
+    """Parameters every token multiplies through (input embedding excepted, head included,
+    only the active experts of an MoE layer)."""
+    return int(sum(p.numel() * f for p, f in _weights_read_per_step(model).values()))
 
 
 @dataclass(frozen=True)

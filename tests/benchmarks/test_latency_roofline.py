@@ -7,6 +7,7 @@ directory with --load-format dummy, HF transformers as the peer); only sizes are
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -29,6 +30,20 @@ class _Tiny(nn.Module):
         self.embed_tokens = nn.Embedding(100, 8)  # 800 params
         self.layer = nn.Linear(8, 8, bias=False)  # 64
         self.lm_head = None if tied else nn.Linear(8, 100, bias=False)  # 800
+
+
+def test_moe_experts_count_their_active_fraction_and_the_meta_model_builds():
+    from engine.models.layers.moe import FusedMoE
+    from platforms.kernels import MoERouting
+
+    class _Moe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(8, 8, bias=False)  # 64, read whole
+            self.experts = FusedMoE(8, 2, 8, 4, MoERouting(top_k=2, renormalize=True))
+
+    # 8 experts x (2 * 4 * 8 + 8 * 4) = 768 params, of which a token reads 2 / 8.
+    assert roofline.non_embedding_params(_Moe()) == 64 + 768 // 4
 
 
 def test_decode_weights_leave_out_only_an_untied_input_embedding():
@@ -128,3 +143,27 @@ def test_bench_throughput_structured_json_times_the_workload_and_its_decoding(ti
         assert re.search(rf"same output lengths\), {what}: \d+\.\d\d \([\d.]+-[\d.]+\), "
                          r"median of 2$", out, re.M), out
     assert re.search(r"first-seen schema [\d.]+ ms", out), out
+
+
+def test_counted_model_for_workers_in_other_processes_is_built_on_meta(tmp_path):
+    """With TP the workers hold the model elsewhere: the rooflines count a meta-device
+    build of the same class (no backend argument since models bind attention later)."""
+    import types
+
+    import torch
+    from transformers import LlamaConfig
+
+    from engine.engine_args import EngineArgs
+
+    LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64).save_pretrained(tmp_path)
+    from engine.benchmarks.dummy_tokenizer import save_word_level_tokenizer
+
+    save_word_level_tokenizer(str(tmp_path), 100)
+    config = EngineArgs(model=str(tmp_path), load_format="dummy", dtype="float32").create_config()
+    llm = types.SimpleNamespace(core=types.SimpleNamespace(executor=object()),
+                                config=types.SimpleNamespace(model=dataclasses.replace(
+                                    config.model, dtype=torch.float32)))
+    model = roofline.counted_model(llm)
+    assert all(p.is_meta for p in model.parameters())
+    assert roofline.non_embedding_params(model) > 0
