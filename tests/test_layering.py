@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"kv_cache"},
     {"distributed"},
     {"models"},
+    {"lora"},  # adapters and their device slots: over the layers, bound by the worker
     {"engine_args", "worker"},
     {"tokenizer"},
     {"structured_outputs"},  # grammars: over the tokenizer, checked by inputs, run by the core

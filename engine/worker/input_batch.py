@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.messages.core import LoRARequest
 from engine.messages.step import SchedulerOutput
 from engine.sampling_params import SamplingParams
 from engine.worker.sampling_metadata import check_vocab_range
@@ -34,6 +35,7 @@ class CachedRequestState:
     eos_token_id: Optional[int]
     block_ids: tuple[list[int], ...]  # per KV-cache group
     num_computed_tokens: int
+    lora_request: Optional[LoRARequest] = None  # None: the base model
     # Prompt logprobs gathered so far are sent as they are computed; nothing kept here.
     token_ids_np: np.ndarray = field(init=False)  # prompt + output, grows on demand
     num_tokens: int = field(init=False)  # known on the host (sent by the scheduler)
@@ -126,6 +128,7 @@ class InputBatch:
                 eos_token_id=new.eos_token_id,
                 block_ids=tuple(list(ids) for ids in new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                lora_request=new.lora_request,
             )
             problem = self._problem(state)
             if problem is not None:

@@ -21,6 +21,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import SINGLE, ParallelContext, use_parallel
+from engine.lora import LoRAManager
 from engine.messages.core import LogprobsEntry
 from engine.messages.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.models.layers.attention import Attention, kv_cache_layout
@@ -90,6 +91,8 @@ class ModelRunner:
                                       vocab_size=model_config.vocab_size)
         self.sampler = Sampler()
         self.model: Optional[torch.nn.Module] = None
+        # Adapter slots on the model's linear layers (config.lora set); None: LoRA off.
+        self.lora_manager: Optional[LoRAManager] = None
         self.num_blocks = 0
         # The last step's sampled ids (device) and {req_id: row} in them: where the next
         # step finds tokens whose values have not reached the host yet.
@@ -106,6 +109,10 @@ class ModelRunner:
         self.kernels = kernel_table(self.platform)
         with use_kernels(self.kernels), use_parallel(self.parallel):
             self.model = load_model(self.config.model, self.device, self.dtype)
+            if self.config.lora is not None:  # before profiling: its slots take memory
+                self.lora_manager = LoRAManager(
+                    self.model, self.config.lora, self.device, self.dtype,
+                    self.config.scheduler.max_num_batched_tokens)
         self._bind_attention()
         self.forward = self.platform.graph_runner(
             self.model.forward, self.config.for_platform(),
@@ -283,12 +290,34 @@ class ModelRunner:
         if inputs.pending_dst is not None:
             assert self._last_sampled is not None and inputs.pending_src is not None
             inputs.input_ids[inputs.pending_dst] = self._last_sampled[inputs.pending_src]
+        if self.lora_manager is not None:
+            failed = self._set_lora_slots(inputs, failed)
         attn_metadata = self._attn_metadata(inputs)
         hidden = self.forward(inputs.input_ids, inputs.positions, attn_metadata)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         if out.grammar_deferred:
             return DeferredSample(self, inputs, hidden, out, prompt_logprobs, failed)
         return self._sample_and_hand_over(inputs, hidden, out, prompt_logprobs, failed)
+
+    def _set_lora_slots(self, inputs: StepInputs, failed: dict[str, str]
+                        ) -> dict[str, str]:
+        """Each token's adapter slot into the LoRA context (-1: the base model). A request
+        whose adapter cannot be loaded runs on the base model this step and is reported
+        failed (the scheduler then finishes it with the reason)."""
+        assert self.lora_manager is not None
+        manager = self.lora_manager
+        manager.begin_step()
+        slots = np.full(len(inputs.req_ids), -1, dtype=np.int32)
+        for i, req_id in enumerate(inputs.req_ids):
+            lora_request = self.input_batch.requests[req_id].lora_request
+            if lora_request is None:
+                continue
+            try:
+                slots[i] = manager.slot_of(lora_request)
+            except ValueError as exc:
+                failed = {**failed, req_id: str(exc)}
+        manager.context.set_step(np.repeat(slots, np.diff(inputs.query_start_loc_np)))
+        return failed
 
     def _sample_and_hand_over(self, inputs: StepInputs, hidden: torch.Tensor,
                               out: SchedulerOutput, prompt_logprobs: dict[str, LogprobsTensors],
@@ -435,8 +464,14 @@ class ModelRunner:
         self.input_batch.update(
             SchedulerOutput([], [], {}, 0, finished_req_ids={req.req_id})
         )
+        lora_context = None if self.lora_manager is None else self.lora_manager.context
+        if lora_context is not None:  # a captured graph must hold the LoRA ops
+            lora_context.always_apply = True
+            lora_context.set_step(np.zeros(0, dtype=np.int32))
         with step_grad_mode(self.platform):
             self.forward.capture(self.dummy_decode_batch)
+        if lora_context is not None:  # eager or compiled: the host flag decides per step
+            lora_context.always_apply = bool(self.forward.captured_sizes)
         self.platform.synchronize()
 
     def dummy_decode_batch(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:

@@ -15,12 +15,20 @@ partial sums added with the communicator's all_reduce (bias once, after it), or,
 fuses that sum with its residual add; the bias is then added on rank 0 only). Vocabulary-
 parallel: rows of the table split (padded to equal parts); lookups are masked and summed
 over ranks; logits are gathered to every rank (so every rank samples the same tokens).
+
+LoRA: every linear here can carry adapters, at no cost while LoRA is off: `lora` is None
+unless `engine.lora.LoRAManager` bound its device slots, and then, after the base matmul,
+the step's tokens with an adapter get theirs added (`LayerSlots.add_to`). Each layer says how
+an adapter shards with it (`lora_full_shapes`, `lora_shard`): column-parallel keeps lora_A
+whole and this rank's output rows of lora_B; row-parallel this rank's input columns of
+lora_A and lora_B whole, so by linearity the delta is a partial sum like the base output
+and rides the same reduction (no extra collective).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,9 @@ from torch import nn
 from engine.distributed import parallel_context
 from engine.distributed.sharding import split_heads
 from platforms.util import cdiv
+
+if TYPE_CHECKING:
+    from engine.lora.slots import LayerSlots
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -60,6 +71,8 @@ def _check_full(tensor: torch.Tensor, full_shape: tuple[int, ...], what: str) ->
 class Linear(nn.Module):
     """y = x @ W.T (+ b), W: [out_features, in_features], replicated on every rank."""
 
+    lora: Optional[LayerSlots] = None  # bound by the LoRA manager; None: no adapters
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
@@ -68,7 +81,23 @@ class Linear(nn.Module):
         self.bias: Optional[nn.Parameter] = _param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora.add_to(x, y)
+
+    # ---- LoRA: how an adapter of this layer shards (one slice; merged layers have more) ----
+    @property
+    def lora_slice_sizes(self) -> tuple[int, ...]:
+        """This rank's output size of each projection an adapter may target."""
+        return (self.out_features,)
+
+    def lora_full_shapes(self, index: int) -> tuple[int, int]:
+        """(in, out) features of projection `index` in full (the adapter's shapes)."""
+        return self.in_features, self.out_features
+
+    def lora_shard(self, a: torch.Tensor, b: torch.Tensor, index: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full lora_A [r, in] and lora_B [out, r] of projection `index` -> this rank's."""
+        return a, b
 
 
 class ColumnParallelLinear(Linear):
@@ -93,6 +122,13 @@ class ColumnParallelLinear(Linear):
         _check_full(tensor, param.full_shape, "A column-parallel weight")  # type: ignore[attr-defined]
         size = param.shape[0]
         _copy(param.data, tensor.narrow(0, self.tp_rank * size, size), "A column slice")
+
+    def lora_full_shapes(self, index: int) -> tuple[int, int]:
+        return self.in_features, self.full_out_features
+
+    def lora_shard(self, a: torch.Tensor, b: torch.Tensor, index: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        return a, b.narrow(0, self.tp_rank * self.out_features, self.out_features)
 
 
 class MergedColumnParallelLinear(Linear):
@@ -144,6 +180,18 @@ class MergedColumnParallelLinear(Linear):
         """[..., sum(output_sizes)] -> one view per projection (this rank's slices)."""
         return y.split(self.output_sizes, dim=-1)
 
+    @property
+    def lora_slice_sizes(self) -> tuple[int, ...]:
+        return tuple(self.output_sizes)
+
+    def lora_full_shapes(self, index: int) -> tuple[int, int]:
+        return self.in_features, self.full_output_sizes[index]
+
+    def lora_shard(self, a: torch.Tensor, b: torch.Tensor, index: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_B's rows as the base weight's (QKV: this rank's query heads, its KV head)."""
+        return a, b.narrow(0, self._source_rows(index), self.output_sizes[index])
+
 
 class QKVParallelLinear(MergedColumnParallelLinear):
     """q, k, v stacked; query heads split over ranks, KV heads split or, when there are fewer
@@ -193,8 +241,19 @@ class RowParallelLinear(Linear):
         size = self.weight.shape[1]
         _copy(self.weight.data, tensor.narrow(1, self.tp_rank * size, size), "A row slice")
 
+    def lora_full_shapes(self, index: int) -> tuple[int, int]:
+        return self.in_features * self.tp_size, self.out_features
+
+    def lora_shard(self, a: torch.Tensor, b: torch.Tensor, index: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's input columns of lora_A: its delta is a partial sum, as its output."""
+        size = self.in_features
+        return a.narrow(1, self.tp_rank * size, size), b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        if self.lora is not None:  # before the reduction: a partial sum like y
+            y = self.lora.add_to(x, y)
         if self.comm is None or self.tp_size == 1:
             return y if self.bias is None else y + self.bias
         if not self.reduce_output:  # a partial sum; the bias counted once, on rank 0
