@@ -35,9 +35,14 @@ class LoRAManager:
         if config.max_loras < 1:
             raise ValueError(f"max_loras is {config.max_loras}; it must be at least 1 "
                              "(--max-loras).")
+        self.max_cpu_loras = config.max_loras if config.max_cpu_loras is None \
+            else config.max_cpu_loras
+        if self.max_cpu_loras < config.max_loras:
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras} is below max_loras="
+                             f"{config.max_loras}: every adapter on the device is also kept "
+                             "in host memory; raise --max-cpu-loras.")
         self.config = config
         self.dtype = dtype
-        self.max_cpu_loras = max(config.max_cpu_loras or config.max_loras, config.max_loras)
         self.targets = LoRATargets(model)
         self.context = LoRAContext(max_num_tokens, device)
         shrink, expand = kernel("lora_shrink"), kernel("lora_expand")

@@ -232,11 +232,16 @@ class ModelRunner:
                 num_computed_tokens=0,
             ))
         self.initialize_kv_cache(next_block)
+        lora_context = None if self.lora_manager is None else self.lora_manager.context
+        if lora_context is not None:  # measure the LoRA ops' memory too (all slots -1)
+            lora_context.always_apply = True
         try:
             self.execute_model(SchedulerOutput(reqs, [], {r.req_id: len(r.prompt_token_ids)
                                                           for r in reqs}, sum(lens)))
             self.platform.synchronize()
         finally:
+            if lora_context is not None:
+                lora_context.always_apply = False
             self.input_batch.update(SchedulerOutput(
                 [], [], {}, 0, finished_req_ids={r.req_id for r in reqs}))
             assert self.model is not None

@@ -98,3 +98,8 @@ def test_pickled_weights_only(bound, base_dir, tmp_path):
     make_adapter(base_dir, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"])
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
     refused(bound, tmp_path, r"adapter_model.bin: pickled weights are not loaded")
+
+
+def test_fewer_host_adapters_than_device_slots(base_dir):
+    with pytest.raises(ValueError, match="max_cpu_loras=1 is below max_loras=2"):
+        build_lora_model(base_dir, LoRAConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=1))

@@ -29,7 +29,11 @@ def make_runner(base_dir) -> ModelRunner:
     platform = CpuPlatform()
     runner = ModelRunner(resolve_for_platform(config, platform), platform)
     runner.load_model()
+    runner.profile_run()  # the LoRA ops run in it (every slot -1)
     runner.initialize_kv_cache(16)
+    runner.warm_up()
+    # CPU captures nothing: afterwards the step's host flag decides whether the ops run.
+    assert not runner.lora_manager.context.always_apply
     return runner
 
 
