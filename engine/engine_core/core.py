@@ -30,6 +30,10 @@ from platforms.scheduling import StaticBatching
 
 logger = logging.getLogger(__name__)
 
+# How often, at most, the core asks the workers for the expert load while busy (each ask
+# syncs every rank's device once).
+EXPERT_LOAD_INTERVAL_S = 1.0
+
 
 def resolve_for_platform(config: EngineConfig, platform) -> EngineConfig:
     """Fill what the platform decides (dtype for "auto", max_num_seqs left unset), then
@@ -123,13 +127,20 @@ class EngineCore:
                                    async_scheduling=self.async_scheduling,
                                    bitmask=self.structured.bitmask,
                                    defer_bitmask=self.executor.supports_deferred_bitmask,
-                                   kv_cache_windows=kv_cache_layout(config.model).windows)
+                                   kv_cache_windows=kv_cache_layout(config.model).windows,
+                                   max_loras=None if config.lora is None
+                                   else config.lora.max_loras)
         if self.async_scheduling:
             depth = 2  # step N+1 is scheduled and launched while step N runs
         # Batches in flight, scheduled ahead (None: one at a time).
         self.batch_queue = BatchQueue(depth) if depth > 1 else None
         self.startup_timings = timings
         self._profiling = False
+        # Expert load (expert-parallel MoE): when it was last taken, and whether tokens ran
+        # since.
+        self._counts_expert_load = config.parallel.enable_expert_parallel
+        self._last_expert_load = time.monotonic()
+        self._expert_load_pending = False
         logger.info("%s", kv_cache_summary(config, num_blocks, kv_cache_layout(config.model)))
         logger.info("async scheduling: %s", "on (step N+1 is scheduled while step N runs)"
                     if self.async_scheduling else "off")
@@ -180,6 +191,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self._attach_expert_load(outputs)
         outputs.timestamp = time.time()  # wall clock, like arrival_time
         return outputs
 
@@ -196,8 +208,26 @@ class EngineCore:
         # after it: launch the next step now, before these outputs go to the client.
         if self._give_deferred_bitmasks(queue):
             self._fill(queue)
+        self._attach_expert_load(outputs)
         outputs.timestamp = time.time()  # wall clock, like arrival_time
         return outputs
+
+    def _attach_expert_load(self, outputs: EngineCoreOutputs) -> None:
+        """Put the token-slots per expert since the last report into the stats: at most
+        once per EXPERT_LOAD_INTERVAL_S while busy, and once more when the engine goes
+        idle, so a finished run's counts are complete. Never per step (a host sync)."""
+        stats = outputs.scheduler_stats
+        if stats is None or not self._counts_expert_load:
+            return
+        if stats.num_prompt_tokens or stats.num_generation_tokens:
+            self._expert_load_pending = True
+        now = time.monotonic()
+        due = (now - self._last_expert_load >= EXPERT_LOAD_INTERVAL_S
+               or not self.has_unfinished_requests())
+        if not (self._expert_load_pending and due):
+            return
+        self._last_expert_load, self._expert_load_pending = now, False
+        stats.expert_load = self.executor.take_expert_load()
 
     def _fill(self, queue: BatchQueue) -> None:
         """Schedule and dispatch until `depth` batches are in flight or nothing can run."""

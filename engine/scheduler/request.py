@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from engine.kv_cache.hashing import BlockHash
-from engine.messages.core import EngineCoreRequest, FinishReason
+from engine.messages.core import EngineCoreRequest, FinishReason, LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -55,6 +55,7 @@ class Request:
         priority: int = 0,
         extra_keys: tuple[Any, ...] = (),
         tenant: Optional[str] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -63,8 +64,12 @@ class Request:
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.priority = priority
         self.tenant = tenant
-        # Keys besides the tokens that decide whether KV can be shared (cache salt, LoRA id).
-        self.extra_keys = extra_keys
+        self.lora_request = lora_request  # None: the base model
+        # Keys besides the tokens that decide whether KV can be shared (cache salt, LoRA id):
+        # an adapter changes every layer's K/V, so it never shares blocks with another one
+        # or with the base model.
+        self.extra_keys = extra_keys if lora_request is None else (
+            *extra_keys, ("lora", lora_request.lora_int_id))
         self.output_token_ids: list[int] = []
         # prompt + output, kept as one list so the hot path never concatenates.
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
@@ -97,6 +102,7 @@ class Request:
             arrival_time=request.arrival_time,
             priority=request.priority,
             tenant=request.tenant,
+            lora_request=request.lora_request,
         )
 
     @property
@@ -118,6 +124,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def lora_int_id(self) -> Optional[int]:
+        """The adapter's id; None for the base model."""
+        return None if self.lora_request is None else self.lora_request.lora_int_id
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

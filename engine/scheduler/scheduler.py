@@ -19,6 +19,13 @@ placeholder (`num_output_placeholders`) that the next step computes on, its valu
 the device by the worker. A request that finishes at step N has computed one token too many
 at N+1, which is discarded. Requests whose sampling reads their own history (penalties)
 and requests with max_tokens reached by placeholders wait for their batch instead.
+
+LoRA: the running requests together use at most `max_loras` distinct adapters (the device
+slots; a batch in flight holds its slots too). A waiting request whose adapter would be one
+too many is skipped for this step and the next waiting request is tried, as vLLM V1 does;
+the skipped one keeps its place at the front and goes once a running adapter's requests
+are done (an endless stream of requests for the running adapters could hold it off, as in
+vLLM).
 """
 
 from __future__ import annotations
@@ -73,11 +80,14 @@ class Scheduler:
         constraints: Optional[StaticBatching] = None, num_micro_batches: int = 1,
         async_scheduling: bool = False, bitmask: Optional[Callable[[list], tuple]] = None,
         defer_bitmask: bool = False, kv_cache_windows: Sequence[Optional[int]] = (None,),
+        max_loras: Optional[int] = None,
     ) -> None:
         if async_scheduling and (num_micro_batches > 1 or constraints is not None):
             raise ValueError("Async scheduling works with one micro-batch and no static "
                              "batching constraints.")
         self.config = config
+        # Most distinct LoRA adapters among the running requests; None: LoRA off.
+        self.max_loras = max_loras
         # Structured outputs: grammars -> (token bitmask rows, dead-end row indexes); see
         # engine.structured_outputs.manager.StructuredOutputManager.bitmask.
         self._bitmask = bitmask
@@ -115,6 +125,10 @@ class Scheduler:
         """Queue a request; ValueError if its prompt can never be scheduled."""
         if request.request_id in self.requests:
             raise ValueError(f"Request id {request.request_id!r} is already in the scheduler.")
+        if request.lora_request is not None and self.max_loras is None:
+            raise ValueError(f"Request {request.request_id!r} asks for LoRA adapter "
+                             f"{request.lora_request.lora_name!r} but LoRA is off; start the "
+                             "engine with --enable-lora (enable_lora=True).")
         limit = self.config.max_model_len
         if request.num_tokens > limit:
             raise ValueError(
@@ -336,9 +350,21 @@ class Scheduler:
         step.preempted.add(victim.request_id)
 
     def _schedule_waiting(self, step: _Step) -> None:
+        skipped: list[Request] = []  # their adapter would be one too many this step
+        try:
+            self._admit_waiting(step, skipped)
+        finally:
+            for request in reversed(skipped):  # back at the front, in their order
+                self.waiting.prepend(request)
+
+    def _admit_waiting(self, step: _Step, skipped: list[Request]) -> None:
+        loras = self._running_loras()
         while (self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(step.num_scheduled) < step.max_reqs):
             request = self.waiting.peek()
+            if self._is_one_lora_too_many(request, loras):
+                skipped.append(self.waiting.pop())  # vLLM V1: try the next one this step
+                continue
             hits, num_hit = self._prefix_hits(request)
             num_new = self._num_tokens_to_schedule(request, num_hit, step.budget)
             remaining = request.num_tokens - num_hit
@@ -355,6 +381,17 @@ class Scheduler:
                 return  # FCFS: no skipping ahead of the head of the queue
             self.waiting.pop()
             self._admit(request, num_hit, num_new, step)
+            if request.lora_int_id is not None:
+                loras.add(request.lora_int_id)
+
+    def _running_loras(self) -> set[int]:
+        """The adapters of the running requests: each holds its device slot while it runs."""
+        return {r.lora_int_id for r in self.running if r.lora_int_id is not None}
+
+    def _is_one_lora_too_many(self, request: Request, loras: set[int]) -> bool:
+        lora_id = request.lora_int_id
+        return (lora_id is not None and self.max_loras is not None and lora_id not in loras
+                and len(loras) >= self.max_loras)
 
     def _prefix_hits(self, request: Request) -> tuple[Any, int]:
         """The request's prefix-cache hits; none for a request that wants prompt logprobs,
@@ -380,6 +417,7 @@ class Scheduler:
                 block_ids=self.kv_cache.get_block_ids(request.request_id),
                 num_computed_tokens=num_hit,
                 eos_token_id=request.eos_token_id,
+                lora_request=request.lora_request,
             )
         )
         step.num_scheduled[request.request_id] = num_new
@@ -430,17 +468,21 @@ class Scheduler:
             return
         free_blocks = self.kv_cache.num_free_blocks
         batch_limit = min(shape.batch_size, self.config.max_num_seqs)
+        loras = self._running_loras()
         while self.waiting and len(self.running) < batch_limit:
             request = self.waiting.peek()
             needed = self._static_blocks_needed(request)
             if (not shape.fits(request.num_tokens, self._max_new_tokens(request))
-                    or request.num_tokens > step.budget or needed > free_blocks):
+                    or request.num_tokens > step.budget or needed > free_blocks
+                    or self._is_one_lora_too_many(request, loras)):
                 return  # no skipping ahead of the head of the queue
             if self.kv_cache.allocate_slots(request, request.num_tokens) is None:
                 return
             free_blocks -= needed
             self.waiting.pop()
             self._admit(request, 0, request.num_tokens, step)
+            if request.lora_int_id is not None:
+                loras.add(request.lora_int_id)
 
     def _finish_unfittable(self, request: Request) -> None:
         """A request that does not fit even with every block free (it grew past the cache
