@@ -51,9 +51,25 @@ in meaning; dtypes are the model's):
   so a vendor can swap it in one piece. Shared experts are not inside: the model adds them
   (Qwen2-MoE: a shared expert MLP scaled by a sigmoid gate). With tensor parallelism w13/w2
   hold this rank's slice of each expert's intermediate dim, and the output is a partial sum.
+* ``lora_shrink(x [T, H], lora_a [L, S, R, H], slot_ids [T] int32) -> [L, T, R] float32``:
+  the first half of batched multi-LoRA (punica's shrink). For every slice l (L slices: q, k,
+  v of a merged QKV layer, gate and up, or one for a plain linear) and token t whose adapter
+  slot s = slot_ids[t] >= 0: out[l, t] = lora_a[l, s] @ x[t], accumulated in float32; rows
+  of tokens with slot -1 (the base model) are zero. S adapter slots, R the largest rank
+  (an adapter of lower rank is zero-padded, so it adds exact zeros).
+* ``lora_expand(y [T, D], buf [L, T, R] float32, lora_b [L, S, Dmax, R], slot_ids [T] int32,
+  slice_sizes: tuple[int, ...]) -> None``: the second half (punica's expand), in place. For
+  each slice l at column offset o_l = sum(slice_sizes[:l]) and token t with slot s >= 0:
+  y[t, o_l : o_l + slice_sizes[l]] += (lora_b[l, s, :slice_sizes[l]] @ buf[l, t]) summed in
+  float32 and cast once to y's dtype; tokens with slot -1 are untouched. D is
+  sum(slice_sizes), Dmax >= max(slice_sizes). The adapter's scaling (lora_alpha / r, or
+  rsLoRA's lora_alpha / sqrt(r)) is folded into lora_b when it is loaded: no scale here.
+  An implementation must not make the host wait for the device nor size anything by the
+  slot values, so a captured graph replays with new slot_ids (the reference, which groups
+  tokens by slot on the host, is not capturable).
 
 History: v1 rms_norm to apply_token_bitmask; v2 adds moe_select_experts, fused_experts and
-fused_moe (and the `MoERouting` dataclass they take).
+fused_moe (and the `MoERouting` dataclass they take); v3 adds lora_shrink and lora_expand.
 """
 
 from __future__ import annotations
@@ -218,6 +234,42 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
     return fused_experts(hidden, w13, w2, topk_weights, topk_ids, activation)
 
 
+def _tokens_by_slot(slot_ids: torch.Tensor, num_slots: int
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(slot, its tokens [n] int64) for each slot some token uses, in slot order (tokens of
+    slot -1 left out): sorted once, so each slot costs one matmul, not one per token."""
+    ids = slot_ids.long()
+    used = ids >= 0
+    order = torch.where(used, ids, num_slots).argsort(stable=True)
+    counts = torch.bincount(ids[used], minlength=num_slots).tolist()
+    start = 0
+    for slot, count in enumerate(counts):
+        if count:
+            yield slot, order[start:start + count]
+            start += count
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+    num_slices, num_slots, rank, _ = lora_a.shape
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32 (float64 for float64 inputs)
+    out = torch.zeros(num_slices, x.shape[0], rank, dtype=acc, device=x.device)
+    for slot, tokens in _tokens_by_slot(slot_ids, num_slots):
+        # [n, H] @ [L, H, R] -> [L, n, R]
+        out[:, tokens] = torch.matmul(x[tokens].to(acc), lora_a[:, slot].to(acc).transpose(1, 2))
+    return out
+
+
+def lora_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor,
+                slot_ids: torch.Tensor, slice_sizes: tuple[int, ...]) -> None:
+    for slot, tokens in _tokens_by_slot(slot_ids, lora_b.shape[1]):
+        offset = 0
+        for index, size in enumerate(slice_sizes):
+            # [n, R] @ [R, size] in buf's float dtype, cast once, added to the slice's columns.
+            delta = torch.matmul(buf[index, tokens], lora_b[index, slot, :size].to(buf.dtype).T)
+            y[:, offset:offset + size].index_add_(0, tokens, delta.to(y.dtype))
+            offset += size
+
+
 REFERENCE: Mapping[str, Callable[..., Any]] = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
@@ -228,6 +280,8 @@ REFERENCE: Mapping[str, Callable[..., Any]] = {
     "moe_select_experts": moe_select_experts,
     "fused_experts": fused_experts,
     "fused_moe": fused_moe,
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
 }
 KERNEL_NAMES: tuple[str, ...] = tuple(REFERENCE)
 

@@ -4,6 +4,9 @@ Rule: every `KernelImpl` the platform offers is run on the platform's device wit
 random inputs of several shapes (including the non-contiguous q/k views a model passes),
 and compared with `platforms.kernels.REFERENCE` computed in float64 then cast.
 
+The LoRA ops get mixed batches (tokens of several adapter slots and of none, a slot no
+token uses, one slice and three); `lora_shrink`'s output is float32 whatever x's dtype.
+
 The MoE ops get router logits whose values in a row are distinct in every dtype (a shuffled
 ladder), so the experts chosen can differ from the reference's only by a bug, not by a tie;
 `moe_select_experts` is compared row by row sorted by expert id (any column order is
@@ -22,9 +25,10 @@ from platforms.kernels import REFERENCE, MoERouting
 
 _TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # Ops that write their first argument and return nothing.
-IN_PLACE = frozenset({"apply_token_bitmask"})
+IN_PLACE = frozenset({"apply_token_bitmask", "lora_expand"})
 # Ops whose outputs have fixed dtypes, not the inputs' dtype.
-_OUTPUT_DTYPES = {"moe_select_experts": (torch.int32, torch.float32)}  # as compared: ids first
+_OUTPUT_DTYPES = {"moe_select_experts": (torch.int32, torch.float32),  # as compared: ids first
+                  "lora_shrink": (torch.float32,)}
 # (experts, routing, with correction bias) for the router and the whole block.
 _ROUTINGS = (
     (8, MoERouting(top_k=2, renormalize=True), False),  # Mixtral
@@ -73,6 +77,35 @@ def _moe_cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.G
     return cases
 
 
+def _lora_cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+                ) -> list[tuple[Any, ...]]:
+    """Mixed batches: slots 0..2 and -1 (base model) among the tokens, slot 3 used by none;
+    one slice and three of different sizes (q, k, v); ranks 8 and 16."""
+    num_slots, hidden = 4, 128
+    cases: list[tuple[Any, ...]] = []
+    for tokens, slice_sizes, rank in ((1, (64, 16, 16), 8), (7, (96,), 16),
+                                      (64, (64, 16, 16), 16), (64, (32,), 8)):
+        num_slices = len(slice_sizes)
+        slot_ids = torch.randint(-1, num_slots - 1, (tokens,), generator=gen,
+                                 dtype=torch.int32)
+        if tokens == 1:
+            slot_ids.fill_(2)  # one token with an adapter (decode of a single request)
+        slot_ids = slot_ids.to(device)
+        lora_a = (torch.randn(num_slices, num_slots, rank, hidden, generator=gen)
+                  * hidden**-0.5).to(device=device, dtype=dtype)
+        if name == "lora_shrink":
+            x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+            cases.append((x, lora_a, slot_ids))
+        else:
+            lora_b = (torch.randn(num_slices, num_slots, max(slice_sizes), rank, generator=gen)
+                      * rank**-0.5).to(device=device, dtype=dtype)
+            buf = torch.randn(num_slices, tokens, rank, generator=gen).to(device)  # float32
+            y = torch.randn(tokens, sum(slice_sizes), generator=gen).to(device=device,
+                                                                        dtype=dtype)
+            cases.append((y, buf, lora_b, slot_ids, slice_sizes))
+    return cases
+
+
 def _sorted_by_expert(out: list[torch.Tensor]) -> list[torch.Tensor]:
     """(weights, ids) -> [ids, weights], each row's columns in ascending id order (ids
     first: a wrong choice is reported as such, not as a weight error)."""
@@ -88,6 +121,8 @@ def _cases(name: str, dtype: torch.dtype, device: torch.device, gen: torch.Gener
 
     if name in ("moe_select_experts", "fused_experts", "fused_moe"):
         return _moe_cases(name, dtype, device, gen)
+    if name in ("lora_shrink", "lora_expand"):
+        return _lora_cases(name, dtype, device, gen)
     cases: list[tuple[Any, ...]] = []
     for tokens, hidden in ((1, 64), (7, 576), (33, 1024)):
         if name == "rms_norm":

@@ -92,10 +92,11 @@ def test_entry_point_and_capabilities():
 
 def test_kernel_overrides_are_torch_npu_ops_for_ascend_only():
     impls = ascend.AscendPlatform().kernel_overrides()
-    # torch_npu has no gelu-tanh-and-mul, bitmask or MoE op here: those stay the reference.
+    # torch_npu has no gelu-tanh-and-mul, bitmask, MoE or LoRA op here: those stay the
+    # reference.
     assert {i.name for i in impls} == set(kernels.KERNEL_NAMES) - {
         "apply_token_bitmask", "gelu_tanh_and_mul", "moe_select_experts", "fused_experts",
-        "fused_moe"}
+        "fused_moe", "lora_shrink", "lora_expand"}
     assert all(i.platforms == frozenset({"ascend"}) and i.priority > 0 for i in impls)
     table = kernels.resolve_kernels("cpu", impls)  # never picked up on another platform
     assert all(table.providers[n] == "reference" for n in kernels.KERNEL_NAMES)
