@@ -49,6 +49,10 @@ class EngineMetrics:
                                       "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("engine:prefix_cache_hits_total",
                                    "Prompt tokens found in the prefix cache.")
+        self._expert_tokens = Counter(
+            "engine:moe_expert_tokens_total",
+            "Token-slots routed to each expert, summed over the MoE layers (expert "
+            "parallelism only).", labels + ["expert"], registry=registry)
         self._success = Counter("engine:request_success_total", "Finished requests by reason.",
                                 labels + ["finished_reason"], registry=registry)
         self.ttft = histogram("engine:time_to_first_token_seconds",
@@ -73,6 +77,8 @@ class EngineMetrics:
         self.preemptions.inc(stats.num_preemptions)
         self.prefix_queries.inc(stats.prefix_cache_queries)
         self.prefix_hits.inc(stats.prefix_cache_hits)
+        for expert, num_tokens in enumerate(stats.expert_load or ()):
+            self._expert_tokens.labels(self.model_name, str(expert)).inc(num_tokens)
 
     def on_request_output(self, output: RequestOutput, now: float) -> None:
         metrics = output.metrics

@@ -36,9 +36,13 @@ class StatsLogger:
         self._prefix_queries = 0
         self._prefix_hits = 0
         self._latest: Optional[SchedulerStats] = None
+        self._expert_load: Optional[list[int]] = None  # since the last line (EP MoE only)
 
     def on_scheduler_stats(self, stats: SchedulerStats) -> None:
         self._latest = stats
+        if stats.expert_load is not None:
+            self._expert_load = stats.expert_load if self._expert_load is None else [
+                a + b for a, b in zip(self._expert_load, stats.expert_load, strict=True)]
         self._prompt_tokens += stats.num_prompt_tokens
         self._generation_tokens += stats.num_generation_tokens
         self._prefix_queries += stats.prefix_cache_queries
@@ -63,7 +67,14 @@ class StatsLogger:
                 f"tokens/s, Running: {stats.num_running_reqs} reqs, "
                 f"Waiting: {stats.num_waiting_reqs} reqs, "
                 f"KV cache usage: {stats.kv_cache_usage * 100:.1f}%, "
-                f"Prefix cache hit rate: {hit_rate * 100:.1f}%")
+                f"Prefix cache hit rate: {hit_rate * 100:.1f}%{self._expert_balance()}")
+
+    def _expert_balance(self) -> str:
+        """", Expert load max/mean: 1.42" (the busiest expert over the mean) when counted."""
+        load = self._expert_load
+        if not load or not sum(load):
+            return ""
+        return f", Expert load max/mean: {max(load) * len(load) / sum(load):.2f}"
 
     def _log(self, now: float) -> None:
         text = self.line(now - self._last_log)
@@ -72,3 +83,4 @@ class StatsLogger:
         self._last_log = now
         self._prompt_tokens = self._generation_tokens = 0
         self._prefix_queries = self._prefix_hits = 0
+        self._expert_load = None

@@ -32,6 +32,15 @@ def test_logs_one_line_per_interval_while_busy_and_nothing_when_idle(caplog):
     assert len(caplog.records) == 1
 
 
+def test_the_line_gives_the_busiest_expert_over_the_mean_when_counted():
+    stats_logger = StatsLogger(interval_s=10.0, clock=lambda: 0.0)
+    stats_logger.on_scheduler_stats(SchedulerStats(num_running_reqs=1))
+    assert "Expert load" not in stats_logger.line(1.0)  # a dense model: nothing counted
+    stats_logger.on_scheduler_stats(SchedulerStats(num_running_reqs=1, expert_load=[1, 3]))
+    stats_logger.on_scheduler_stats(SchedulerStats(num_running_reqs=1, expert_load=[1, 1]))
+    assert stats_logger.line(1.0).endswith(", Expert load max/mean: 1.33")  # 4 over 3
+
+
 def test_interval_must_be_positive():
     with pytest.raises(ValueError, match="interval_s"):
         StatsLogger(interval_s=0)

@@ -101,6 +101,7 @@ class StatsMerger:
             num_preemptions=stats.num_preemptions,
             num_prompt_tokens=stats.num_prompt_tokens,
             num_generation_tokens=stats.num_generation_tokens,
+            expert_load=stats.expert_load,  # a delta too: summed by whoever accumulates
         )
 
 

@@ -73,6 +73,11 @@ class Executor(abc.ABC):
     def stop_profile(self) -> list[str]:
         """Stop recording; the files every worker wrote (a trace and a table each)."""
 
+    def take_expert_load(self) -> Optional[list[int]]:
+        """Token-slots routed to each global expert since the last take, summed over the
+        model's expert-parallel MoE layers; None without one (this default: none)."""
+        return None
+
     def shutdown(self) -> None:  # noqa: B027 (optional)
         """Release workers and their memory."""
 
@@ -99,6 +104,7 @@ class RankedExecutor(Executor):
         parallel = config.parallel
         self.world_size = parallel.world_size
         self.pp_size = parallel.pipeline_parallel_size
+        self.tp_size = parallel.tensor_parallel_size
         # The rank whose answer is the step's output: the first of the last stage.
         self.output_rank = (self.pp_size - 1) * parallel.tensor_parallel_size
 
@@ -139,6 +145,16 @@ class RankedExecutor(Executor):
 
     def stop_profile(self) -> list[str]:
         return [path for paths in self._call("stop_profile") for path in paths]
+
+    def take_expert_load(self) -> Optional[list[int]]:
+        """Every rank takes (and zeroes) its counts; routing is replicated over a stage's
+        tensor-parallel ranks, so each stage's first rank speaks for it, and the stages
+        (different layers) add up."""
+        loads = self._call("take_expert_load")[::self.tp_size]
+        counted = [load for load in loads if load is not None]
+        if not counted:
+            return None
+        return [sum(per_stage) for per_stage in zip(*counted, strict=True)]
 
     # ---- steps ----
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -55,6 +56,9 @@ class UniprocExecutor(Executor):
 
     def stop_profile(self) -> list[str]:
         return self.runner.stop_profile()
+
+    def take_expert_load(self) -> Optional[list[int]]:
+        return self.runner.take_expert_load()
 
     def shutdown(self) -> None:
         self.runner.model = None

@@ -92,6 +92,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     num_preemptions: int = 0  # since the last stats
     num_prompt_tokens: int = 0  # prompt tokens computed since the last stats
     num_generation_tokens: int = 0  # tokens sampled since the last stats
+    # Token-slots routed to each global expert since the last report, summed over the MoE
+    # layers (expert parallelism only; None in most stats: reported about once a second).
+    expert_load: Optional[list[int]] = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

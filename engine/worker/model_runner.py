@@ -25,6 +25,7 @@ from engine.lora import LoRAManager
 from engine.messages.core import LogprobsEntry
 from engine.messages.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.models.layers.attention import Attention, kv_cache_layout
+from engine.models.layers.moe import FusedMoE
 from engine.models.loader import load_model
 from engine.sampling_params import SamplingParams
 from engine.worker.input_batch import InputBatch, StepInputs
@@ -103,6 +104,7 @@ class ModelRunner:
         self._bitmask_buffers: list[tuple[torch.Tensor, Any]] = []
         self._last_sample_row: dict[str, int] = {}
         self.profiler = TraceProfiler()
+        self._counting_moe: Optional[list[FusedMoE]] = None  # found at the first take
 
     # ---- startup ----
     def load_model(self) -> None:
@@ -265,6 +267,23 @@ class ModelRunner:
                 tensors[slot] = self.platform.allocate_kv_cache(shape, self.dtype, self.device)
             layer.kv_cache = tensors[slot]
         self.num_blocks = num_blocks
+
+    # ---- expert load ----
+    def take_expert_load(self) -> Optional[list[int]]:
+        """Token-slots routed to each global expert since the last call, summed over this
+        rank's expert-parallel MoE layers, whose counts are then zeroed; None when the model
+        has none. One host sync: call it now and then (the core: about once a second),
+        never per step."""
+        if self._counting_moe is None:
+            assert self.model is not None
+            self._counting_moe = [m for m in self.model.modules()
+                                  if isinstance(m, FusedMoE) and m.expert_load is not None]
+        if not self._counting_moe:
+            return None
+        total = torch.stack([m.expert_load for m in self._counting_moe]).sum(0)
+        for layer in self._counting_moe:
+            layer.expert_load.zero_()
+        return total.tolist()
 
     # ---- profiling ----
     def start_profile(self, directory: str, name: str) -> None:
@@ -477,6 +496,7 @@ class ModelRunner:
             self.forward.capture(self.dummy_decode_batch)
         if lora_context is not None:  # eager or compiled: the host flag decides per step
             lora_context.always_apply = bool(self.forward.captured_sizes)
+        self.take_expert_load()  # the profiling and warm-up steps' routing is no load
         self.platform.synchronize()
 
     def dummy_decode_batch(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:

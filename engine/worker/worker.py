@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # Methods the executor may call on a worker (anything else is refused).
 WORKER_METHODS = frozenset(
     {"load_model", "determine_num_blocks", "initialize_kv_cache", "warm_up", "execute_model",
-     "stage_timeline", "start_profile", "stop_profile"}
+     "stage_timeline", "start_profile", "stop_profile", "take_expert_load"}
 )
 SHUTDOWN = "shutdown"
 READY = "ready"
@@ -91,6 +91,11 @@ class Worker:
 
     def stop_profile(self) -> list[str]:
         return self.runner.stop_profile()
+
+    def take_expert_load(self) -> Optional[list[int]]:
+        """Token-slots per global expert since the last take (None: no expert-parallel MoE
+        layer on this rank)."""
+        return self.runner.take_expert_load()
 
     def stage_timeline(self) -> list[tuple[float, float]]:
         """(start, end) monotonic times of this pipeline stage's recent forwards (empty

@@ -44,6 +44,9 @@ def test_stats_merge_sums_gauges_and_passes_each_delta_once():
     assert (second.num_generation_tokens, second.num_prompt_tokens) == (2, 7)
     third = merger.merge(0, SchedulerStats())  # core 0 drained
     assert (third.num_running_reqs, third.num_generation_tokens) == (2, 0)
+    # The expert load is a delta like the counters: the reporting core's, summed later.
+    assert merger.merge(1, SchedulerStats(expert_load=[2, 5])).expert_load == [2, 5]
+    assert merger.merge(0, SchedulerStats()).expert_load is None
 
 
 def test_utility_results_combine():

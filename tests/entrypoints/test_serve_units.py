@@ -111,6 +111,23 @@ def test_metrics_from_stats_and_outputs():
     assert b"engine:kv_cache_usage_perc" in generate_latest(registry)
 
 
+def test_expert_load_is_a_counter_per_expert_and_crosses_the_wire():
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry, "m")
+    metrics.on_scheduler_stats(SchedulerStats(num_generation_tokens=1))  # no load: no series
+    assert b'expert="' not in generate_latest(registry)
+    metrics.on_scheduler_stats(SchedulerStats(expert_load=[3, 0, 5]))
+    metrics.on_scheduler_stats(SchedulerStats(expert_load=[1, 2, 0]))
+    assert [_value(registry, "engine:moe_expert_tokens_total", expert=str(e))
+            for e in range(3)] == [4, 2, 5]
+    assert b'engine:moe_expert_tokens_total{expert="2",model_name="m"} 5.0' in \
+        generate_latest(registry)
+    frames = encode(OutputType.OUTPUTS, EngineCoreOutputs(
+        scheduler_stats=SchedulerStats(num_running_reqs=1, expert_load=[7, 8])))
+    _, decoded = decode_output(frames)
+    assert decoded.scheduler_stats.expert_load == [7, 8]
+
+
 def test_a_request_failed_in_the_engine_is_a_500_in_the_openai_shape_and_a_last_sse_event():
     import asyncio
     import json

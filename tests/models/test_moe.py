@@ -145,3 +145,27 @@ def test_ranks_partial_sums_add_up_to_the_whole_layer(expert_parallel):
     with torch.no_grad():
         total = sum(p(x, logits) for p in parts)
         torch.testing.assert_close(total, whole(x, logits), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_layers_count_token_slots_per_global_expert():
+    """Each EP rank counts every token's slots (routing is replicated), per global expert,
+    in place across forwards; a TP-split layer counts nothing (the fused op routes inside).
+    The buffer is no parameter and not in the state dict (never loaded or filled)."""
+    gen = torch.Generator().manual_seed(1)
+    full13, full2 = torch.randn(8, 48, 32, generator=gen), torch.randn(8, 32, 24, generator=gen)
+    x, logits = torch.randn(9, 32, generator=gen), torch.randn(9, 8, generator=gen)
+    parts = [_layer(r, 2, True, full13, full2) for r in range(2)]
+    assert _layer(0, 2, False, full13, full2).expert_load is None
+    with torch.inference_mode():
+        for part in parts:
+            part(x, logits)
+            part(x[:4], logits[:4])
+    ids = torch.topk(logits, 2).indices
+    want = torch.bincount(ids.flatten(), minlength=8) + torch.bincount(ids[:4].flatten(),
+                                                                       minlength=8)
+    assert int(want.sum()) == (9 + 4) * 2
+    for part in parts:
+        assert part.expert_load.dtype == torch.int64
+        assert torch.equal(part.expert_load, want)
+        assert "expert_load" not in dict(part.named_parameters())
+        assert "expert_load" not in part.state_dict()

@@ -19,6 +19,14 @@ num_local_experts) whole (it loads only those), and the forward runs two steps:
 expert_parallel) sends each token-slot of this rank's token slice to its expert's rank
 through all_to_all, runs `fused_experts` there and brings the outputs back. The output is
 again a partial sum (this rank's token rows), reduced by the same norm.
+
+Expert load (expert parallelism's balancing signal): an expert-parallel layer adds the
+token-slots routed to each global expert to its `expert_load` buffer (int64 [E], on the
+device, in place: no host sync, graph-capturable); the model runner sums and zeroes the
+buffers when asked (`ModelRunner.take_expert_load`). Routing is replicated, so every rank
+counts the same. Without expert parallelism nothing is counted: the one fused op hides the
+routing (a platform's `fused_moe` gives no ids). Under a capturing graph runner the padding
+rows of a batch are routed and counted too.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from platforms.kernels import MoERouting, kernel
 
 
 class FusedMoE(nn.Module):
-    """The routed experts of one layer: (hidden [T, H], router_logits [T, E]) -> [T, H]."""
+    """The routed experts of one layer: (hidden [T, H], router_logits [T, E]) -> [T, H].
+    Expert-parallel, it counts token-slots per expert in `expert_load` (int64 [E]); else
+    `expert_load` is None: the fused op routes inside, its ids are never seen."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  routing: MoERouting, activation: str = "silu", reduce_output: bool = False,
@@ -77,6 +87,12 @@ class FusedMoE(nn.Module):
         self.w13.load_full = self._load_full_w13  # type: ignore[attr-defined]
         self.w2.full_shape = (num_experts, hidden_size, intermediate_size)  # type: ignore[attr-defined]
         self.w2.load_full = self._load_full_w2  # type: ignore[attr-defined]
+        # Token-slots per global expert since the last take (expert-parallel only). A
+        # non-persistent buffer: no parameter, not in state_dict, never loaded or filled.
+        self.expert_load: Optional[torch.Tensor]
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64)
+                             if num_experts > self.num_local_experts else None,
+                             persistent=False)
         self._fused_moe = kernel("fused_moe")
         self._select_experts = kernel("moe_select_experts")
         self._fused_experts = kernel("fused_experts")
@@ -105,6 +121,10 @@ class FusedMoE(nn.Module):
         """Route over all experts, then exchange token-slots with the ranks holding their
         experts (a partial sum of this rank's token rows)."""
         weights, ids = self._select_experts(router_logits, self.routing, None)
+        assert self.expert_load is not None
+        # ids [T, k] cover every token (routing is replicated), so each rank counts all.
+        self.expert_load.index_add_(0, ids.reshape(-1).long(),
+                                    torch.ones_like(ids, dtype=torch.int64).reshape(-1))
         if self._exchange is None:
             local = ids - self.expert_start
             local = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
