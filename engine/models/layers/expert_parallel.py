@@ -71,7 +71,3 @@ class ExpertParallel:
         partial = torch.zeros(num_tokens, width, dtype=torch.float32, device=hidden.device)
         partial.index_add_(0, token_of_slot, contrib)
         return partial.to(hidden.dtype)
-
-    def expert_load(self, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-        """Token-slots per expert [num_experts] in this step (the same on every rank)."""
-        return torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)
