@@ -21,6 +21,7 @@ _EXPORTS = {
     "RequestFailedError": "engine.outputs.request_output",
     "RequestRefusedError": "engine.outputs.request_output",
     "InvalidParameter": "engine.sampling_params",
+    "LoRARequest": "engine.messages.core",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]

@@ -148,6 +148,25 @@ class EngineArgs(BaseModel):
         "experts and tokens travel to their experts' ranks through all_to_all) instead of "
         "splitting every expert's intermediate dimension."
     )
+    enable_lora: bool = Field(
+        False, description="Serve LoRA adapters (peft directories) next to the base model: "
+        "each request may name one (LLM.generate(lora_request=...), the server's "
+        "--lora-modules and model=NAME); requests of different adapters share a batch."
+    )
+    max_loras: Optional[int] = Field(
+        None, description="With enable_lora: adapters on the device at once, the most "
+        "distinct adapters one step runs (default 1); a request whose adapter would be one "
+        "too many waits for a later step."
+    )
+    max_lora_rank: Optional[int] = Field(
+        None, description="With enable_lora: the largest adapter rank accepted (any positive "
+        "integer; device slots are this wide) (default 16)."
+    )
+    max_cpu_loras: Optional[int] = Field(
+        None, description="With enable_lora: adapters kept in host memory (LRU), so one "
+        "evicted from the device comes back without reading its files; at least max_loras "
+        "(default max_loras)."
+    )
     distributed_executor_backend: Optional[ExecutorBackend] = Field(
         None,
         description="How workers run: 'uniproc' (this process, one device), 'mp' (one "

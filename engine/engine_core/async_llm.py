@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.engine_args import EngineArgs
 from engine.engine_core.mp_client import AsyncMPClient, EngineDeadError
 from engine.engine_core.transport import OutputType
-from engine.messages.core import SchedulerStats
+from engine.messages.core import LoRARequest, SchedulerStats
 from engine.outputs.request_output import RequestOutput, failure_of
 from engine.sampling_params import InvalidParameter, SamplingParams
 
@@ -122,7 +122,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: Union[str, list[int], ProcessedPrompt],
                        params: Optional[SamplingParams], request_id: str,
-                       priority: int = 0, tenant: Optional[str] = None
+                       priority: int = 0, tenant: Optional[str] = None,
+                       lora_request: Optional[LoRARequest] = None,
                        ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come (DELTA or FINAL_ONLY per `params`).
 
@@ -145,7 +146,7 @@ class AsyncLLM:
         try:
             core_requests = self.output_processor.add_request(
                 request_id, text, token_ids, params,
-                time.time(), priority, self.eos_token_id, tenant,
+                time.time(), priority, self.eos_token_id, tenant, lora_request,
             )
             for core_request in core_requests:
                 await self.client.add_request_async(core_request)

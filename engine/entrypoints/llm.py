@@ -19,7 +19,9 @@ from engine.engine_args import EngineArgs
 from engine.engine_core.client import EngineCoreClient
 from engine.engine_core.core import EngineCore
 from engine.engine_core.inproc import InprocClient
+from engine.entrypoints.lora_adapters import AdapterChecker
 from engine.inputs import InputProcessor, template_message
+from engine.messages.core import LoRARequest
 from engine.outputs.output_processor import OutputProcessor
 from engine.outputs.request_output import RequestOutput, failure_of
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -32,6 +34,7 @@ _COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
 
 PromptType = Union[str, list[int], dict[str, Any]]
 Conversation = list[dict[str, Any]]
+LoRARequestArg = Optional[Union[LoRARequest, Sequence[Optional[LoRARequest]]]]
 
 
 class LLM:
@@ -62,6 +65,7 @@ class LLM:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.eos_token_id = resolve_eos_token_id(model_config, self.tokenizer)
+        self._adapters = AdapterChecker(self.config)
         self._counter = itertools.count()
         self._totals: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._expert_load: Optional[list[int]] = None  # cumulative, once the core reports
@@ -80,13 +84,17 @@ class LLM:
         use_tqdm: bool = True,
         priority: Optional[Sequence[int]] = None,
         user: Optional[Union[str, Sequence[Optional[str]]]] = None,
+        lora_request: LoRARequestArg = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string, a list of token ids, or
         `{"prompt_token_ids": [...]}`); returns one RequestOutput per prompt, in order.
         `priority` (per prompt) orders them under the "priority" policy; `user` (one, or
-        per prompt) is whom each is for, the share a "fair" policy balances."""
+        per prompt) is whom each is for, the share a "fair" policy balances;
+        `lora_request` (one, or per prompt, None for the base model) the adapter each runs
+        with (needs enable_lora=True)."""
         prompt_list = _as_prompt_list(prompts)
         params_list = self._params_for(prompt_list, sampling_params)
+        loras = self._loras_for(prompt_list, lora_request)
         users = [user] * len(prompt_list) if user is None or isinstance(user, str) else list(user)
         for name, values in (("priority", priority), ("user", users)):
             if values is not None and len(values) != len(prompt_list):
@@ -106,6 +114,7 @@ class LLM:
             core_requests = self.output_processor.add_request(
                 request_id, text, token_ids, sp, time.time(),
                 priority[i] if priority is not None else 0, self.eos_token_id, users[i],
+                lora_request=loras[i],
             )
             for core_request in core_requests:
                 self.client.add_request(core_request)
@@ -121,10 +130,11 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
         tools: Optional[list[dict[str, Any]]] = None,
+        lora_request: LoRARequestArg = None,
     ) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of {"role", "content"} dicts) or
         several; the model's chat template (or `chat_template`) builds each prompt, with
-        `tools` (OpenAI tool definitions) when given."""
+        `tools` (OpenAI tool definitions) when given; `lora_request` as in `generate`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         processor = self.input_processor
         if chat_template is not None:
@@ -147,7 +157,8 @@ class LLM:
             {"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False), "prompt": p}
             for p in prompts
         ]
-        return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def reset_prefix_cache(self) -> bool:
         if self.core is None:
@@ -206,6 +217,24 @@ class LLM:
                 "one per prompt."
             )
         return params
+
+    def _loras_for(self, prompts: list, lora_request: LoRARequestArg
+                   ) -> list[Optional[LoRARequest]]:
+        """One adapter (or None) per prompt, each checked (ValueError) before any is sent."""
+        if lora_request is None:
+            return [None] * len(prompts)
+        if isinstance(lora_request, LoRARequest):
+            loras: list[Optional[LoRARequest]] = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"Got {len(loras)} lora_request entries for {len(prompts)} "
+                                 "prompts; pass one, or one per prompt (None: the base "
+                                 "model).")
+        for lora in loras:
+            if lora is not None:
+                self._adapters.check_request(lora)
+        return loras
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

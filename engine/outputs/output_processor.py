@@ -14,7 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.messages.core import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from engine.messages.core import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    LoRARequest,
+)
 from engine.outputs.completion_state import CompletionState
 from engine.outputs.detokenizer import special_token_ids
 from engine.outputs.logprobs import TokenTexts
@@ -78,6 +83,7 @@ class OutputProcessor:
         priority: int = 0,
         eos_token_id: Optional[int] = None,
         tenant: Optional[str] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> list[EngineCoreRequest]:
         """Register a request; returns the engine-core requests to send (one per completion)."""
         if request_id in self._parents:
@@ -134,6 +140,7 @@ class OutputProcessor:
                     arrival_time=arrival_time,
                     priority=priority,
                     tenant=tenant,
+                    lora_request=lora_request,
                 )
             )
         self._parents[request_id] = parent

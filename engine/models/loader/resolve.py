@@ -17,6 +17,7 @@ import torch
 from engine.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -86,7 +87,39 @@ def resolve_model_config(args: EngineArgs) -> EngineConfig:
         structured_outputs_backend=args.structured_outputs_backend,
         reasoning_parser=args.reasoning_parser,
         parallel=_parallel_config(args, hf_config),
+        lora=lora_config(args, model_impl),
     )
+
+
+_LORA_LIMITS = ("max_loras", "max_lora_rank", "max_cpu_loras")
+
+
+def lora_config(args: EngineArgs, model_impl: str = "native") -> Optional[LoRAConfig]:
+    """`LoRAConfig` with --enable-lora (None without it), each limit checked. Any positive
+    max_lora_rank is accepted (vLLM allows a fixed set, 8 ... 512, that its kernels were
+    built for; our slots are sized to the value and the ops take any width)."""
+    if not args.enable_lora:
+        given = [name for name in _LORA_LIMITS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is set but LoRA is off; pass "
+                             "--enable-lora (enable_lora=True) or leave it out.")
+        return None
+    if model_impl == "transformers":
+        raise ValueError("--enable-lora: the transformers fallback runs HF's own linear "
+                         "layers, which carry no adapter slots; run a native model class "
+                         "(--model-impl native) or leave --enable-lora out.")
+    max_loras = 1 if args.max_loras is None else args.max_loras
+    max_lora_rank = 16 if args.max_lora_rank is None else args.max_lora_rank
+    max_cpu_loras = max_loras if args.max_cpu_loras is None else args.max_cpu_loras
+    if max_loras < 1:
+        raise ValueError(f"--max-loras is {max_loras}; it must be at least 1.")
+    if max_lora_rank < 1:
+        raise ValueError(f"--max-lora-rank is {max_lora_rank}; it must be at least 1.")
+    if max_cpu_loras < max_loras:
+        raise ValueError(f"--max-cpu-loras {max_cpu_loras} is below --max-loras {max_loras}: "
+                         "every adapter on the device is also kept in host memory; raise "
+                         f"--max-cpu-loras to at least {max_loras} or leave it out.")
+    return LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
 
 
 def check_config_features(hf_config: Any, max_model_len: int) -> None:
