@@ -41,6 +41,8 @@ TRITON_KERNELS: dict[str, str] = {
     "moe_select_experts": "engine_cuda.ops.moe",
     "fused_experts": "engine_cuda.ops.moe",
     "fused_moe": "engine_cuda.ops.moe",
+    "lora_shrink": "engine_cuda.ops.lora",
+    "lora_expand": "engine_cuda.ops.lora",
 }
 # Above the torch reference (0); a kernel library can still outbid it through engine_kernels.
 TRITON_KERNEL_PRIORITY = 10
