@@ -1,6 +1,7 @@
 """Triton batched multi-LoRA (lora_shrink, lora_expand) against the torch references of the
-contract (`platforms.kernels`) on mixed batches (CPU: Triton's interpreter); on a GPU, the
-Llama-8B shapes, no host synchronisation, and CUDA-graph replay with new slot ids.
+contract (`platforms.kernels`) on mixed batches (CPU: Triton's interpreter); compiled for
+sm_90 without spills; on a GPU, the Llama-8B shapes, no host synchronisation, and CUDA-graph
+replay with new slot ids.
 
 Rule: every batch mixes tokens of several adapter slots with tokens of none (-1), and leaves
 a slot unused; the reference runs on the same inputs (on the CPU), so the only difference
@@ -8,6 +9,10 @@ allowed is the order of float32 sums.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,6 +126,49 @@ def test_conformance_kit_accepts_the_triton_lora_ops():
     assert set(worst) == {"lora_shrink", "lora_expand"}
 
 
+# (kernel, BLOCK_T, BLOCK_N or BLOCK_H, num_warps): the tiles `lora.py` launches with bf16.
+COMPILE_CASES = [("shrink", 16, 128, 4), ("shrink", 64, 128, 4), ("expand", 16, 64, 4),
+                 ("expand", 64, 128, 8)]
+
+
+def _compile_lora(bin_dir: str) -> None:
+    """Child process (no interpreter): lower each bf16 tile for sm_90, print its stack."""
+    from test_ops_compile import _compile, _stack_bytes
+
+    def arg(name: str) -> str:
+        if name == "slot_ptr":
+            return "*i32"
+        if name in ("out_ptr", "buf_ptr"):
+            return "*fp32"
+        return "*bf16" if name.endswith("_ptr") else "i32"
+
+    for name, block_t, block, warps in COMPILE_CASES:
+        if name == "shrink":
+            kernel = _compile(lora._shrink_kernel, arg, dict(BLOCK_T=block_t, BLOCK_R=16,
+                                                             BLOCK_H=block, IEEE=False), warps)
+        else:
+            kernel = _compile(lora._expand_kernel, arg,
+                              dict(BLOCK_T=block_t, BLOCK_R=16, BLOCK_N=block), warps)
+        print(f"{name} {block_t} {block} {warps} stack={_stack_bytes(kernel, bin_dir)}",
+              flush=True)
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.path.dirname(here),
+                                                      env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), bin_dir], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, block_t, block, warps in COMPILE_CASES:
+        assert f"{name} {block_t} {block} {warps} stack=0\n" in done.stdout, done.stdout
+
+
 # ---- on a GPU: Llama-3-8B's q/k/v projection (H 4096, q 4096 / k, v 1024), rank 16, 8 slots
 
 LLAMA_QKV = (4096, 1024, 1024)
@@ -201,3 +249,7 @@ def test_gpu_cuda_graph_replays_with_new_slot_ids(tokens):
         assert torch.equal(static_y, eager)  # same bits, graph or not
         if seed == 2:
             assert torch.equal(static_y, new_y)
+
+
+if __name__ == "__main__":
+    _compile_lora(sys.argv[1])
