@@ -72,6 +72,18 @@ def register(subparsers: Any) -> None:
     server.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="Accepted for vLLM compatibility: tool_choice='auto' is on "
                         "whenever --tool-call-parser is given (which this flag needs).")
+    lora = parser.add_argument_group("LoRA (with --enable-lora)")
+    lora.add_argument("--lora-modules", nargs="+", action="extend", default=None,
+                      metavar="NAME=PATH",
+                      help="LoRA adapters (peft directories) to serve, each as name=path or "
+                      "vLLM's JSON '{\"name\": ..., \"path\": ..., \"base_model_name\": "
+                      "...}'; a request with model=NAME runs with that adapter, and "
+                      "/v1/models lists each with its parent model.")
+    lora.add_argument("--allow-runtime-lora-updating", action="store_true",
+                      default=None,
+                      help="Add POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                      "(behind --api-key); unloading lets running requests finish (default: "
+                      "off, or on with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1).")
     add_engine_args(parser)
     parser.set_defaults(func=run)
 
@@ -101,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    problem = _lora_flag_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if not args.log_stats_interval > 0:
         print(f"error: --log-stats-interval must be > 0, got {args.log_stats_interval}.",
               file=sys.stderr)
@@ -122,9 +138,48 @@ def run(args: argparse.Namespace) -> int:
               "for the traceback).", file=sys.stderr)
         logging.getLogger(__name__).debug("startup failure", exc_info=True)
         return 1
+    try:
+        loras = _lora_registry(args, llm)
+    except ValueError as exc:
+        llm.shutdown()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     timings = dict(llm.startup_timings)
     timings["total to ready"] = time.perf_counter() - t0
-    return asyncio.run(_serve(args, llm, timings))
+    return asyncio.run(_serve(args, llm, timings, loras))
+
+
+def _lora_flag_problem(args: argparse.Namespace) -> Optional[str]:
+    """Why the LoRA server flags cannot work as given (None: they can)."""
+    from engine.entrypoints.lora_adapters import parse_lora_module
+    from engine.entrypoints.openai.lora_routes import runtime_updating_from_env
+
+    if args.allow_runtime_lora_updating is None:
+        args.allow_runtime_lora_updating = runtime_updating_from_env()
+    if not args.enable_lora:
+        if args.lora_modules:
+            return "--lora-modules needs --enable-lora."
+        if args.allow_runtime_lora_updating:
+            return "--allow-runtime-lora-updating needs --enable-lora."
+        return None
+    try:
+        args.lora_modules = [parse_lora_module(m) for m in args.lora_modules or []]
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _lora_registry(args: argparse.Namespace, llm: Any) -> Optional[Any]:
+    """The adapters of --lora-modules, each checked (ValueError), ids from 1 in order."""
+    if llm.config.lora is None:
+        return None
+    from engine.entrypoints.lora_adapters import AdapterChecker, LoRARegistry
+
+    names = args.served_model_name or [args.model]
+    registry = LoRARegistry(AdapterChecker(llm.config), names[0])
+    for module in args.lora_modules:
+        registry.add(module.name, module.path, module.base_model_name, reserved=names)
+    return registry
 
 
 def _print_startup(args: argparse.Namespace, timings: dict[str, float]) -> None:
@@ -134,7 +189,8 @@ def _print_startup(args: argparse.Namespace, timings: dict[str, float]) -> None:
     print(f"Serving on http://{args.host}:{args.port} (docs at /docs)", flush=True)
 
 
-async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) -> int:
+async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float],
+                 loras: Optional[Any] = None) -> int:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
@@ -155,9 +211,11 @@ async def _serve(args: argparse.Namespace, llm: Any, timings: dict[str, float]) 
 
         reasoning = get_reasoning_parser(llm.config.reasoning_parser)
     state = ServerState(engine=llm, model_names=names, model_path=args.model,
-                        tool_call_parser=args.tool_call_parser, reasoning_parser=reasoning)
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=reasoning,
+                        loras=loras)
     app = build_app(state, registry, api_key=args.api_key,
-                    max_request_body_bytes=args.max_request_body_bytes)
+                    max_request_body_bytes=args.max_request_body_bytes,
+                    allow_runtime_lora_updating=bool(args.allow_runtime_lora_updating))
     server = _server_class()(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.log_level == "debug", timeout_graceful_shutdown=2,

@@ -51,15 +51,18 @@ class ServerProcess:
 
 
 def start_server(*extra_args: str, timeout_s: float = 180.0,
-                 tmpdir: Optional[str] = None) -> ServerProcess:
+                 tmpdir: Optional[str] = None, model: Optional[str] = None,
+                 env_extra: Optional[dict[str, str]] = None) -> ServerProcess:
     """`engine serve` on 127.0.0.1 and a free port; returns once /health answers 200.
-    `tmpdir`: the server's TMPDIR (where its IPC sockets live), to check it cleans up."""
+    `tmpdir`: the server's TMPDIR (where its IPC sockets live), to check it cleans up;
+    `model`: what to serve (default SmolLM2); `env_extra`: more environment variables."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="engine-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "engine.entrypoints.cli", "serve", smollm2_path(),
+    cmd = [sys.executable, "-m", "engine.entrypoints.cli", "serve", model or smollm2_path(),
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("ENGINE_API_KEY", None)
+    env.update(env_extra or {})
     if tmpdir is not None:
         env["TMPDIR"] = tmpdir
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,

@@ -33,6 +33,7 @@ from engine.entrypoints.openai.errors import (
     first_line,
     new_error_id,
 )
+from engine.entrypoints.openai.lora_routes import adapter_cards, add_runtime_lora_routes
 from engine.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -273,7 +274,8 @@ class _Gate:
 
 def build_app(state: ServerState, registry: CollectorRegistry,
               api_key: Optional[str] = None,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              allow_runtime_lora_updating: bool = False) -> FastAPI:
     app = FastAPI(title="engine OpenAI-compatible server", version=engine.__version__)
     app.state.server = state
     _install_error_handlers(app)
@@ -321,9 +323,9 @@ def build_app(state: ServerState, registry: CollectorRegistry,
     async def models() -> dict[str, Any]:
         max_len = state.engine.config.model.max_model_len
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "engine",
-                 "root": state.model_path, "max_model_len": max_len}
+                 "root": state.model_path, "parent": None, "max_model_len": max_len}
                 for name in state.model_names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data + adapter_cards(state)}
 
     @app.post("/v1/completions", response_model=None,
               responses=r.documented(r.CompletionResponse, _WORK_ERRORS,
@@ -369,6 +371,9 @@ def build_app(state: ServerState, registry: CollectorRegistry,
             raise APIError(400, f"Token ids {bad[:5]} are outside the vocabulary [0, {vocab}).",
                            param="tokens")
         return {"prompt": state.engine.tokenizer.decode(request.tokens)}
+
+    if allow_runtime_lora_updating:
+        add_runtime_lora_routes(app, state)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -234,6 +234,20 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_tokens
 
 
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    """`POST /v1/load_lora_adapter` (vLLM's names)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    """`POST /v1/unload_lora_adapter` (vLLM's names; lora_int_id is accepted and unused)."""
+
+    lora_name: str
+    lora_int_id: Optional[int] = None
+
+
 class TokenizeRequest(OpenAIBaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None

@@ -154,6 +154,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str
+    # A LoRA adapter's base model id (vLLM's shape); None for the base model itself.
+    parent: Optional[str] = None
     max_model_len: int
 
 

@@ -82,7 +82,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     prompt, plan, open_at_start = await off_loop(prepare, state, request)
     request_id = new_request_id("chatcmpl", request.request_id)
     iterator = state.engine.generate(prompt, None, request_id, request.priority,
-                                     request.user)
+                                     request.user, state.lora_for(request.model))
 
     def shaper() -> ChoiceOutput:
         return ChoiceOutput(state.reasoning_parser, open_at_start, plan.parser)

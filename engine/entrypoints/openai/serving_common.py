@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from engine.engine_core.async_llm import AsyncLLM
+from engine.entrypoints.lora_adapters import LoRARegistry
 from engine.entrypoints.openai.errors import APIError
 from engine.entrypoints.openai.unsupported import refuse_unsupported
+from engine.messages.core import LoRARequest
 from engine.outputs.request_output import PositionLogprobs
 from engine.sampling_params import InvalidParameter
 
@@ -34,6 +36,8 @@ class ServerState:
     # --tool-call-parser (None: tool_choice="auto" is refused) and --reasoning-parser.
     tool_call_parser: Optional[str] = None
     reasoning_parser: Optional[Any] = None
+    # LoRA adapters served by name (--enable-lora); None: LoRA off.
+    loras: Optional[LoRARegistry] = None
 
     @property
     def default_model_name(self) -> str:
@@ -43,8 +47,15 @@ class ServerState:
         """The served name to report; 404 for a name this server does not serve."""
         if name is None or name in self.model_names:
             return name or self.default_model_name
+        if self.loras is not None and name in self.loras:
+            return name
+        served = self.model_names + (self.loras.names() if self.loras is not None else [])
         raise APIError(404, f"The model `{name}` does not exist; this server serves "
-                            f"{self.model_names}.", param="model")
+                            f"{served}.", param="model")
+
+    def lora_for(self, name: Optional[str]) -> Optional[LoRARequest]:
+        """The adapter a request's `model` names; None for the base model."""
+        return None if self.loras is None else self.loras.get(name)
 
 
 # A token of a real tokenizer is rarely longer than a few characters; a prompt with more

@@ -43,12 +43,14 @@ def _prepare(state: ServerState, request: CompletionRequest) -> list[ProcessedPr
 async def create_completion(state: ServerState, request: CompletionRequest) -> Any:
     """A response dict, or an async iterator of SSE lines when `stream` is set."""
     model = state.check_model(request.model)
+    lora_request = state.lora_for(request.model)
     check_prompt_chars(state, sum(len(p) for p in request.prompts() if isinstance(p, str)),
                        "prompt")
     prompts = await off_loop(prepare, state, request)
     base_id = new_request_id("cmpl", request.request_id)
     ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
-    iterators = [state.engine.generate(p, None, rid, request.priority, request.user)
+    iterators = [state.engine.generate(p, None, rid, request.priority, request.user,
+                                       lora_request)
                  for p, rid in zip(prompts, ids, strict=True)]
     if request.stream:
         return _stream(state, request, model, base_id, prompts, iterators)
