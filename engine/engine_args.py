@@ -153,19 +153,19 @@ class EngineArgs(BaseModel):
         "each request may name one (LLM.generate(lora_request=...), the server's "
         "--lora-modules and model=NAME); requests of different adapters share a batch."
     )
-    max_loras: Optional[int] = Field(
-        None, description="With enable_lora: adapters on the device at once, the most "
-        "distinct adapters one step runs (default 1); a request whose adapter would be one "
-        "too many waits for a later step."
+    max_loras: int = Field(
+        1, description="With enable_lora: adapters on the device at once, the most "
+        "distinct adapters one step runs; a request whose adapter would be one too many "
+        "waits for a later step."
     )
-    max_lora_rank: Optional[int] = Field(
-        None, description="With enable_lora: the largest adapter rank accepted (any positive "
-        "integer; device slots are this wide) (default 16)."
+    max_lora_rank: int = Field(
+        16, description="With enable_lora: the largest adapter rank accepted (any positive "
+        "integer; device slots are this wide)."
     )
     max_cpu_loras: Optional[int] = Field(
         None, description="With enable_lora: adapters kept in host memory (LRU), so one "
         "evicted from the device comes back without reading its files; at least max_loras "
-        "(default max_loras)."
+        "(None: max_loras)."
     )
     distributed_executor_backend: Optional[ExecutorBackend] = Field(
         None,

@@ -99,7 +99,7 @@ def lora_config(args: EngineArgs, model_impl: str = "native") -> Optional[LoRACo
     max_lora_rank is accepted (vLLM allows a fixed set, 8 ... 512, that its kernels were
     built for; our slots are sized to the value and the ops take any width)."""
     if not args.enable_lora:
-        given = [name for name in _LORA_LIMITS if getattr(args, name) is not None]
+        given = [name for name in _LORA_LIMITS if name in args.model_fields_set]
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} is set but LoRA is off; pass "
                              "--enable-lora (enable_lora=True) or leave it out.")
@@ -108,8 +108,7 @@ def lora_config(args: EngineArgs, model_impl: str = "native") -> Optional[LoRACo
         raise ValueError("--enable-lora: the transformers fallback runs HF's own linear "
                          "layers, which carry no adapter slots; run a native model class "
                          "(--model-impl native) or leave --enable-lora out.")
-    max_loras = 1 if args.max_loras is None else args.max_loras
-    max_lora_rank = 16 if args.max_lora_rank is None else args.max_lora_rank
+    max_loras, max_lora_rank = args.max_loras, args.max_lora_rank
     max_cpu_loras = max_loras if args.max_cpu_loras is None else args.max_cpu_loras
     if max_loras < 1:
         raise ValueError(f"--max-loras is {max_loras}; it must be at least 1.")
