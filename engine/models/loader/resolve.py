@@ -99,7 +99,11 @@ def lora_config(args: EngineArgs, model_impl: str = "native") -> Optional[LoRACo
     max_lora_rank is accepted (vLLM allows a fixed set, 8 ... 512, that its kernels were
     built for; our slots are sized to the value and the ops take any width)."""
     if not args.enable_lora:
-        given = [name for name in _LORA_LIMITS if name in args.model_fields_set]
+        # A limit away from its default (the CLI sets every field, at its default when the
+        # user gave none, so being set alone says nothing).
+        fields = type(args).model_fields
+        given = [name for name in _LORA_LIMITS
+                 if getattr(args, name) != fields[name].default]
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} is set but LoRA is off; pass "
                              "--enable-lora (enable_lora=True) or leave it out.")
