@@ -60,6 +60,10 @@ class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             raise InvalidParameter(
                 "structured_outputs", "structured_outputs takes exactly one of json, regex, "
                 f"choice, grammar, json_object; got {given or 'none'}.")
+        if isinstance(self.json, dict):
+            # The constraint crosses to the engine core as msgpack, which has no integers
+            # past 64 bits (a JSON schema may hold any): it travels as its JSON text.
+            self.json = json.dumps(self.json)
         if self.choice is not None and (not self.choice or not all(
                 isinstance(c, str) and c for c in self.choice)):
             raise InvalidParameter("structured_outputs",

@@ -177,6 +177,20 @@ def test_a_constraint_that_fails_to_compile_later_refuses_its_request_only(llm):
     assert good.outputs[0].finish_reason == "length" and good.outputs[0].text
 
 
+def test_a_schema_with_integers_past_64_bits_crosses_to_the_core():
+    """msgpack has no integers past 64 bits: a schema given as a dict travels as its JSON
+    text (before, the server answered 500 on such a guided_json; schemathesis found it)."""
+    from engine.engine_core.transport import RequestType, decode_request, encode
+    from engine.messages.core import EngineCoreRequest
+
+    schema = {"type": "integer", "minimum": -225267132376767050907591376896}
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))
+    assert json.loads(params.structured_outputs.json) == schema
+    request = EngineCoreRequest("r", [1, 2], params, None, 0.0)
+    _, decoded = decode_request(encode(RequestType.ADD, request))
+    assert json.loads(decoded.sampling_params.structured_outputs.json) == schema
+
+
 def test_exactly_one_constraint():
     with pytest.raises(InvalidParameter, match="exactly one"):
         StructuredOutputsParams(regex="a", choice=["b"])
