@@ -62,8 +62,14 @@ class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
                 f"choice, grammar, json_object; got {given or 'none'}.")
         if isinstance(self.json, dict):
             # The constraint crosses to the engine core as msgpack, which has no integers
-            # past 64 bits (a JSON schema may hold any): it travels as its JSON text.
-            self.json = json.dumps(self.json)
+            # past 64 bits (a JSON schema may hold any): refuse those here, by name.
+            try:
+                msgspec.msgpack.encode(self.json)
+            except OverflowError:
+                raise InvalidParameter(
+                    "structured_outputs", "The JSON schema holds an integer outside the "
+                    "64-bit range (-2**63 .. 2**64 - 1), which the engine cannot carry; "
+                    "write it as a float or a string.") from None
         if self.choice is not None and (not self.choice or not all(
                 isinstance(c, str) and c for c in self.choice)):
             raise InvalidParameter("structured_outputs",
